@@ -1,0 +1,8 @@
+"""slicegpt-export: SliceGPT compression of Hugging Face models, exported for ONNX Runtime and GGUF toolchains."""
+
+from slicegpt_export.checkpoint import SlicedConfig
+from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.validation.reference import SlicedModel, load_sliced
+
+__version__ = "0.1.0"
+__all__ = ["SliceGPTError", "SlicedConfig", "SlicedModel", "load_sliced", "__version__"]

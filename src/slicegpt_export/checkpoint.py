@@ -1,0 +1,208 @@
+"""The sliced checkpoint: the contract between the converter, the exporters and validation.
+
+A sliced checkpoint is a folder holding
+
+* ``config.json`` -- the source model's Hugging Face config plus a ``slicegpt`` section
+  (:class:`SlicedConfig`) that records every per-layer width and every family trait a
+  reader needs to run the model without guessing;
+* ``model.safetensors`` (or shards plus ``model.safetensors.index.json``) -- the weights,
+  named as in :data:`TENSOR_NAMES`;
+* the tokenizer files of the source model.
+
+Tensor names and shapes (PyTorch order, ``out x in`` for linears), with ``d_l`` the widths below:
+
+==============================  =================================================
+``embed_tokens.weight``         (vocab, embedding)
+``embed_positions.weight``      (positions, embedding) -- learned positions only
+``layers.N.q_proj.weight``      (heads * head_dim, attn_in)    (+ ``.bias``)
+``layers.N.k_proj.weight``      (kv_heads * head_dim, attn_in) (+ ``.bias``)
+``layers.N.v_proj.weight``      (kv_heads * head_dim, attn_in) (+ ``.bias``)
+``layers.N.o_proj.weight``      (attn_out, heads * head_dim)   (+ ``.bias``)
+``layers.N.attn_shortcut``      (attn_in, attn_out)
+``layers.N.gate_proj.weight``   (intermediate, mlp_in) -- gated MLPs only
+``layers.N.up_proj.weight``     (intermediate, mlp_in)         (+ ``.bias``)
+``layers.N.down_proj.weight``   (mlp_out, intermediate)        (+ ``.bias``)
+``layers.N.mlp_shortcut``       (mlp_in, mlp_out) -- sequential blocks only
+``lm_head.weight``              (vocab, head_in)               (+ ``.bias``)
+==============================  =================================================
+
+The residual stream is a row vector: a shortcut maps ``x -> x @ S``.  Every norm is the
+weightless RMSNorm of SliceGPT that divides by the *original* width ``hidden_size``:
+``x / sqrt(sum(x**2) / hidden_size + eps)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from slicegpt_export.errors import SliceGPTError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+SECTION = "slicegpt"
+
+
+@dataclasses.dataclass
+class LayerWidths:
+    """Residual widths around one block; for a parallel block attn_* == mlp_*."""
+
+    attn_in: int  # width of the residual entering the block (input of q/k/v)
+    attn_out: int  # width after the attention shortcut (rows of o_proj)
+    mlp_in: int  # input of the MLP (== attn_out for sequential blocks)
+    mlp_out: int  # width leaving the block (rows of down_proj) == next block's attn_in
+
+
+@dataclasses.dataclass
+class RopeSpec:
+    """Rotary position embedding: inv_freq_i = scaling(theta ** (-2i / dim)) for i < dim / 2."""
+
+    theta: float
+    dim: int  # number of rotated channels per head (== head_dim unless partial rotary)
+    scaling: dict[str, Any] | None = None  # Hugging Face rope_scaling dict (rope_type linear/llama3) or None
+
+
+@dataclasses.dataclass
+class SlicedConfig:
+    """Everything a reader needs to run a sliced checkpoint; stored as config.json's ``slicegpt`` section."""
+
+    model_type: str  # base family (the Hugging Face model_type)
+    hidden_size: int  # original width D; every norm divides by it
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    max_position_embeddings: int
+    block_kind: str  # "sequential" (attention then MLP) or "parallel" (both read one norm)
+    activation: str  # "silu", "gelu", "gelu_tanh" or "relu"
+    gated_mlp: bool  # act(gate(x)) * up(x) when True, act(up(x)) otherwise
+    bias: dict[str, bool]  # keys: qkv, attn_out, mlp, head
+    position_embedding: str  # "rope" or "learned"
+    rope: RopeSpec | None
+    position_offset: int  # learned positions: row = position + offset (OPT uses 2)
+    sliding_window: int | None
+    embedding_width: int  # columns of embed_tokens (residual width entering layer 0)
+    layers: list[LayerWidths]
+    head_in: int  # columns of lm_head
+    sparsity: float = 0.0
+    round_to: int = 8
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SlicedConfig:
+        data = dict(data)
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise SliceGPTError(f"unsupported sliced checkpoint format version {version!r} (this tool reads {FORMAT_VERSION})")
+        data["layers"] = [LayerWidths(**w) for w in data["layers"]]
+        data["rope"] = RopeSpec(**data["rope"]) if data.get("rope") else None
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise SliceGPTError(f"unknown keys in the slicegpt config section: {sorted(unknown)}")
+        return cls(**data)
+
+
+def parameter_count(tensors: dict[str, torch.Tensor]) -> int:
+    """Number of stored parameters, counting a tensor shared under two names once."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors.values():
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen and t.device.type != "meta":
+            continue
+        seen.add(key)
+        total += t.numel()
+    return total
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    tensors: dict[str, torch.Tensor],
+    config: SlicedConfig,
+    base_config: dict[str, Any],
+    max_shard_size: str = "5GB",
+) -> None:
+    """Write weights and config.json into `directory` (which the caller creates atomically)."""
+    from huggingface_hub import save_torch_state_dict
+
+    directory = Path(directory)
+    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    save_torch_state_dict(contiguous, directory, max_shard_size=max_shard_size, safe_serialization=True)
+    full = dict(base_config)
+    full[SECTION] = config.to_dict()
+    (directory / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+
+
+def read_config(directory: Path) -> tuple[SlicedConfig, dict[str, Any]]:
+    """Return the sliced config and the full config.json dict of a checkpoint folder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise SliceGPTError(f"{directory} is not a sliced checkpoint: {CONFIG_NAME} is missing")
+    try:
+        full = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SliceGPTError(f"cannot read {path}: {exc}") from exc
+    if SECTION not in full:
+        raise SliceGPTError(f"{path} has no '{SECTION}' section: this is not a sliced checkpoint")
+    try:
+        return SlicedConfig.from_dict(full[SECTION]), full
+    except (TypeError, KeyError) as exc:
+        raise SliceGPTError(f"malformed '{SECTION}' section in {path}: {exc}") from exc
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards named by an index, else model.safetensors, else any *.safetensors."""
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise SliceGPTError(f"cannot read {index}: {exc}") from exc
+        files = sorted({directory / name for name in weight_map.values()})
+    elif (directory / WEIGHTS_NAME).exists():
+        files = [directory / WEIGHTS_NAME]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise SliceGPTError(f"no safetensors weights found in {directory}")
+    for f in files:
+        if not f.is_file():
+            raise SliceGPTError(f"weights file {f} is missing")
+    return files
+
+
+def read_tensors(directory: Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Load every tensor of a folder's safetensors files, refusing missing or truncated files."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    tensors[name] = t.to(dtype) if dtype is not None else t
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise SliceGPTError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from exc
+    return tensors

@@ -1,0 +1,123 @@
+"""Command line: thin typer commands over the keyword-only library functions."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import torch
+import typer
+
+from slicegpt_export.checkpoint import SlicedConfig
+from slicegpt_export.errors import SliceGPTError
+
+app = typer.Typer(
+    help="Slice Hugging Face models with SliceGPT and export them for ONNX Runtime and GGUF toolchains.",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+)
+logger = logging.getLogger("slicegpt_export")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(fn: F) -> F:
+    """Turn a SliceGPTError into `error: ...` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SliceGPTError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SliceGPTError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def describe_widths(cfg: SlicedConfig) -> str:
+    """'embedding 432 | attn in/out 432/432 ... | head 576' collapsed over identical layers."""
+    layer_kinds = sorted({(w.attn_in, w.attn_out, w.mlp_in, w.mlp_out) for w in cfg.layers})
+    layers = ", ".join(f"{a}/{b}/{c}/{d}" for a, b, c, d in layer_kinds)
+    return f"D {cfg.hidden_size} | embedding {cfg.embedding_width} | layers attn_in/attn_out/mlp_in/mlp_out {layers} | head {cfg.head_in}"
+
+
+@app.command("slice")
+@one_line_errors
+def slice_command(
+    out: Annotated[Path, typer.Option(help="Output folder for the sliced checkpoint.")],
+    sparsity: Annotated[float, typer.Option(help="Fraction of the hidden width to remove, in [0, 1).")] = 0.25,
+    model: Annotated[str | None, typer.Option(help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
+    round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this.")] = 8,
+    slice_head: Annotated[bool, typer.Option(help="Also slice the head input.")] = False,
+    calib: Annotated[str | None, typer.Option(help="Calibration .txt/.jsonl/.parquet file or folder, or a HF dataset NAME[:CONFIG].")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per window (capped by the model's context).")] = 2048,
+    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 42,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Fuse, rotate and slice a model into a sliced checkpoint folder."""
+    from slicegpt_export.converter.convert import slice_checkpoint
+
+    summary = slice_checkpoint(
+        model=model,
+        out=out,
+        sparsity=sparsity,
+        round_to=round_to,
+        slice_head=slice_head,
+        calib=calib,
+        calib_samples=calib_samples,
+        calib_seqlen=calib_seqlen,
+        calib_batch_size=calib_batch_size,
+        seed=seed,
+        device=device,
+        dtype=parse_dtype(dtype),
+        overwrite=overwrite,
+    )
+    change = summary.params_after / summary.params_before - 1
+    typer.echo(f"sliced checkpoint: {summary.out}")
+    typer.echo(f"widths: {describe_widths(summary.config)}")
+    typer.echo(
+        f"parameters: {summary.params_before:,} before -> {summary.params_after:,} after ({change:+.1%}, "
+        f"shortcuts and untied head included)"
+    )
+    typer.echo(f"time: {summary.seconds:.1f} s, peak resident memory {summary.peak_rss_mb:,.0f} MiB")
+
+
+@app.command("perplexity")
+@one_line_errors
+def perplexity_command(
+    path: Annotated[str, typer.Argument(help="A sliced checkpoint folder, or a source model (folder or .gguf) for the dense figure.")],
+    text: Annotated[Path, typer.Option(help="Evaluation text (.txt/.jsonl/.parquet file or folder).")],
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    windows: Annotated[int | None, typer.Option(help="Number of consecutive windows (default: all).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Perplexity of a sliced checkpoint (or a dense source model) on consecutive windows of a text."""
+    from slicegpt_export.validation.runners import reference_perplexity
+
+    ppl = reference_perplexity(path, text=text, seqlen=seqlen, windows=windows, batch_size=batch_size, device=device)
+    typer.echo(f"perplexity: {ppl:.4f}")
+
+
+if __name__ == "__main__":
+    app()

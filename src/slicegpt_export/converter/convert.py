@@ -1,0 +1,209 @@
+"""The converter: source model -> fused -> rotated and sliced -> sliced checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from slicegpt_export.atomic import atomic_directory
+from slicegpt_export.checkpoint import SlicedConfig, parameter_count, save_checkpoint
+from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
+from slicegpt_export.converter.calibration import calibration_ids
+from slicegpt_export.converter.fusion import fuse_norms
+from slicegpt_export.converter.loading import SourceModel, load_source
+from slicegpt_export.converter.slicing import CalibrationBatch, rotate_and_slice, sliced_width
+from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.validation.reference import SlicedModel, build_model, generate
+
+logger = logging.getLogger(__name__)
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise SliceGPTError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> the first CUDA device when present, else the CPU; otherwise the named device, checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise SliceGPTError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SliceGPTError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def canonical_tensors(adapter: FamilyAdapter, source: SourceModel, num_layers: int) -> dict[str, torch.Tensor]:
+    """Source tensors renamed to the canonical names; a tied head becomes its own copy of the embedding."""
+    names = dict(adapter.global_tensor_names())
+    for i in range(num_layers):
+        names.update({c.format(i=i): s.format(i=i) for c, s in adapter.layer_tensor_names().items()})
+    missing = [s for s in names.values() if s not in source.tensors]
+    if missing:
+        raise SliceGPTError(f"source model lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    tensors = {c: source.tensors.pop(s) for c, s in names.items()}  # moved, not copied
+    if source.tensors:
+        logger.info("ignoring %d source tensors the family does not use (e.g. %s)", len(source.tensors), next(iter(source.tensors)))
+        source.tensors.clear()
+    if "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"].clone()  # untie before fusion
+    return tensors
+
+
+def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyAdapter]:
+    """The source as a reference model with every norm folded away (dense widths, no shortcuts).
+
+    The source's tensors move into the model (``source.tensors`` is emptied), so host memory
+    holds one copy of the weights.
+    """
+    adapter = adapter_for(source.hf_config)
+    cfg = adapter.dense_config()
+    tensors = canonical_tensors(adapter, source, cfg.num_layers)
+    norm_names = [n for n in tensors if "norm" in n.split(".")[-2]]
+    norms = {n: tensors.pop(n) for n in norm_names}
+    model = build_model(cfg, tensors)
+    fuse_norms(model, norms, norm_kind=adapter.norm_kind)
+    cfg.bias = {**cfg.bias, "head": model.lm_head.bias is not None}
+    return model, cfg, adapter
+
+
+def sample_from_model(model: SlicedModel, bos_id: int | None) -> Any:
+    """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1)."""
+
+    def sample(samples: int, seqlen: int, seed: int) -> torch.Tensor:
+        start = torch.full((samples, 1), bos_id if bos_id is not None else 0, dtype=torch.long)
+        return generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    return sample
+
+
+def calibration_batches(ids: torch.Tensor, batch_size: int, device: torch.device) -> list[CalibrationBatch]:
+    return [CalibrationBatch(chunk.to(device), None) for chunk in ids.split(batch_size)]
+
+
+@dataclasses.dataclass
+class SliceSummary:
+    config: SlicedConfig
+    params_before: int
+    params_after: int
+    seconds: float
+    peak_rss_mb: float
+    out: Path | None
+
+
+def slice_fused(
+    model: SlicedModel,
+    cfg: SlicedConfig,
+    calib: torch.Tensor,
+    *,
+    sparsity: float,
+    round_to: int = 8,
+    slice_head: bool = False,
+    device: torch.device = torch.device("cpu"),
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Rotate and slice a fused model in place on the calibration windows `calib` (n, T).
+
+    Records the widths and sparsity in `cfg`; returns the eigenvalues of every PCA.
+    """
+    check_sparsity(sparsity)
+    D = cfg.hidden_size
+    width = sliced_width(D, sparsity, round_to)
+    bar = tqdm(total=cfg.num_layers, desc="slicing layers", unit="layer", disable=not progress)
+    result = rotate_and_slice(
+        model,
+        calibration_batches(calib, batch_size, device),
+        width=width,
+        head_width=width if slice_head else D,
+        device=device,
+        on_layer=lambda i: bar.update(1),
+    )
+    bar.close()
+    cfg.embedding_width, cfg.layers, cfg.head_in = result.embedding_width, result.layers, result.head_in
+    cfg.sparsity, cfg.round_to = sparsity, round_to
+    return result.eigenvalues
+
+
+def slice_source(source: SourceModel, calib: torch.Tensor, **options: Any) -> tuple[SlicedModel, SlicedConfig]:
+    """Fuse, rotate and slice `source` (its tensors move into the returned model); options as slice_fused."""
+    model, cfg, _ = fused_model(source)
+    slice_fused(model, cfg, calib, **options)
+    return model, cfg
+
+
+def slice_checkpoint(
+    *,
+    model: str | Path | None,
+    out: Path,
+    sparsity: float,
+    round_to: int = 8,
+    slice_head: bool = False,
+    calib: str | None = None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 2048,
+    calib_batch_size: int = 8,
+    seed: int = 42,
+    device: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SliceSummary:
+    """Slice `model` and write a sliced checkpoint folder to `out` atomically."""
+    check_sparsity(sparsity)
+    if round_to < 1:
+        raise SliceGPTError(f"--round-to must be a positive integer, got {round_to}")
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        source = load_source(model, dtype=dtype)
+        params_before = parameter_count(source.tensors)
+        fused, cfg, _ = fused_model(source)
+        bos = getattr(source.tokenizer, "bos_token_id", None)
+        ids, calib_origin = calibration_ids(
+            calib,
+            source.tokenizer,
+            samples=calib_samples,
+            seqlen=min(calib_seqlen, cfg.max_position_embeddings),
+            seed=seed,
+            sample_from_model=sample_from_model(fused, bos),
+        )
+        logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_origin)
+        eigenvalues = slice_fused(
+            fused,
+            cfg,
+            ids,
+            sparsity=sparsity,
+            round_to=round_to,
+            slice_head=slice_head,
+            device=dev,
+            batch_size=calib_batch_size,
+            progress=progress,
+        )
+        cfg.calibration = {
+            "source": calib_origin,
+            "samples": int(ids.shape[0]),
+            "seqlen": int(ids.shape[1]),
+            "seed": seed,
+            "batch_size": calib_batch_size,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        tensors = fused.named_weights()
+        save_checkpoint(tmp, tensors=tensors, config=cfg, base_config=source.hf_config)
+        torch.save({k: torch.tensor(v) for k, v in eigenvalues.items()}, tmp / "eigenvalues.pt")
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(str(tmp))
+        params_after = parameter_count(tensors)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return SliceSummary(cfg, params_before, params_after, seconds, peak, Path(out))

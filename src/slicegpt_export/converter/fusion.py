@@ -1,0 +1,64 @@
+"""Norm fusion (SliceGPT section 3.2): make every norm a weightless RMSNorm so the model is rotation-invariant.
+
+With residual signal x and a norm N(x) = g * x / rms(x) (+ b for LayerNorm) read by a linear
+W (out x D):  W N(x) = (W diag(g)) x / rms(x) + W b.  So g is folded into W's columns and b into
+W's bias.  A LayerNorm also subtracts the mean of x; that is removed by making every signal
+written to the residual mean-free (the paper's matrix M = I - 1 1^T / D applied to the
+embeddings and to the rows of every output linear), after which LayerNorm == RMSNorm.
+RMSNorm families get no mean subtraction: it would change the function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slicegpt_export.converter.adapters.base import ATTN_NORM, FINAL_NORM, MLP_NORM
+from slicegpt_export.validation.reference import SlicedModel
+
+STAGE_NORMS = (ATTN_NORM, MLP_NORM)  # norm read by a block's first and second residual stage
+
+
+def fold_norm(linears: list[nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """W <- W diag(g) in place; b_W <- b_W + W b (the bias computed in float64)."""
+    for lin in linears:
+        W = lin.weight.data  # (out, D)
+        if bias is not None:
+            shift = W.double() @ bias.double()  # (out,)
+            new_bias = shift if lin.bias is None else lin.bias.data.double() + shift
+            lin.bias = nn.Parameter(new_bias.to(W.dtype), requires_grad=False)
+        W.mul_(weight.to(W.dtype)[None, :])  # one rounding, as exact as a float64 product cast back
+
+
+def center_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean over the last (width) axis: rows of an embedding become mean-free."""
+    w = weight.double()
+    return (w - w.mean(dim=-1, keepdim=True)).to(weight.dtype)
+
+
+def center_output_linear(lin: nn.Linear) -> None:
+    """Make the D-dim output of a residual writer mean-free: W <- M W, b <- M b."""
+    W = lin.weight.data.double()  # (D, in)
+    lin.weight.data = (W - W.mean(dim=0, keepdim=True)).to(lin.weight.dtype)
+    if lin.bias is not None:
+        b = lin.bias.data.double()
+        lin.bias.data = (b - b.mean()).to(lin.bias.dtype)
+
+
+def fuse_norms(model: SlicedModel, norms: dict[str, torch.Tensor], *, norm_kind: str) -> None:
+    """Fold the source's norm parameters (canonical names, see adapters.base) into `model` in place."""
+    if norm_kind == "layer":
+        model.embed_tokens.weight.data = center_rows(model.embed_tokens.weight.data)
+        if model.embed_positions is not None:
+            model.embed_positions.weight.data = center_rows(model.embed_positions.weight.data)
+        for layer in model.layers:
+            for stage in layer.stages:
+                for lin in stage.output_linears():
+                    center_output_linear(lin)
+    elif norm_kind != "rms":
+        raise ValueError(f"unknown norm kind {norm_kind!r}")
+    for i, layer in enumerate(model.layers):
+        for stage, norm_name in zip(layer.stages, STAGE_NORMS):
+            name = norm_name.format(i=i)
+            fold_norm(stage.input_linears(), norms[f"{name}.weight"], norms.get(f"{name}.bias"))
+    fold_norm([model.lm_head], norms[f"{FINAL_NORM}.weight"], norms.get(f"{FINAL_NORM}.bias"))

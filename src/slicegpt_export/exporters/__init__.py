@@ -1,0 +1,1 @@
+"""Exporters: each a pure function of a sliced checkpoint (ONNX and GGUF arrive in later issues)."""

@@ -1,0 +1,402 @@
+"""The project's own PyTorch reference model of a sliced checkpoint.
+
+It implements the forward pass written down in the checkpoint's config (per-layer widths,
+shortcut matrices on the residual, RMSNorm over the original width D) for every supported
+family, from the recorded traits alone.  The converter runs calibration through the same
+modules, so what is measured while slicing is exactly what the saved model computes.
+
+Shapes: B batch, T new tokens, S = past + T keys, D original width, d_l sliced widths,
+H query heads, K key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig, read_config, read_tensors
+from slicegpt_export.errors import SliceGPTError
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def rms_norm(x: torch.Tensor, full_width: int, eps: float) -> torch.Tensor:
+    """SliceGPT's weightless RMSNorm: x / sqrt(||x||^2 / D + eps), D the original width.
+
+    On a sliced (d < D) signal the sum runs over the kept coordinates only, while the
+    divisor stays D, which is what the rotated unsliced model computes when the dropped
+    coordinates are zero.
+    """
+    variance = x.pow(2).sum(-1, keepdim=True) / full_width  # (..., 1)
+    return x * torch.rsqrt(variance + eps)
+
+
+def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
+    """inv_freq_i = theta^(-2i/dim), with Hugging Face's linear or llama3 scaling applied.  Returns (dim/2,) float64."""
+    inv_freq = 1.0 / (spec.theta ** (torch.arange(0, spec.dim, 2, dtype=torch.float64) / spec.dim))
+    scaling = spec.scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_context = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_context / low, old_context / high
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise SliceGPTError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] channels of each head (x: (B, H, T, hd); cos, sin: (B, 1, T, r))."""
+    r = cos.shape[-1]
+    rotated, passed = x[..., :r], x[..., r:]
+    rotated = rotated * cos + rotate_half(rotated) * sin
+    return torch.cat((rotated, passed), dim=-1) if passed.shape[-1] else rotated
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values per layer, each (B, K, S, hd); grows by concatenation."""
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> KVCache:
+        return cls([None] * num_layers, [None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        k = self.keys[0]
+        return 0 if k is None else k.shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+@dataclasses.dataclass
+class AttentionContext:
+    """What every layer's attention needs for one forward call."""
+
+    cos: torch.Tensor | None  # (B, 1, T, r)
+    sin: torch.Tensor | None
+    mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None = plain causal
+    cache: KVCache | None
+
+
+def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: SlicedConfig, layer_idx: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        qkv_bias = cfg.bias["qkv"]
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = linear(d_in, cfg.num_heads * cfg.head_dim, qkv_bias)
+        self.k_proj = linear(d_in, cfg.num_kv_heads * cfg.head_dim, qkv_bias)
+        self.v_proj = linear(d_in, cfg.num_kv_heads * cfg.head_dim, qkv_bias)
+        self.o_proj = linear(cfg.num_heads * cfg.head_dim, d_out, cfg.bias["attn_out"])
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.cos is not None:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and T > 1, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: SlicedConfig, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate_proj = linear(d_in, cfg.intermediate_size, cfg.bias["mlp"]) if cfg.gated_mlp else None
+        self.up_proj = linear(d_in, cfg.intermediate_size, cfg.bias["mlp"])
+        self.down_proj = linear(cfg.intermediate_size, d_out, cfg.bias["mlp"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class ResidualStage(nn.Module):
+    """One residual update: y = x @ shortcut + sum(branch(norm(x))) with a (d_in, d_out) shortcut.
+
+    A sequential block has two stages (attention, then MLP), a parallel block one stage
+    holding both branches.  Before slicing the shortcut is None (identity).
+    """
+
+    def __init__(self, cfg: SlicedConfig, branches: dict[str, nn.Module], shortcut_name: str, d_in: int, d_out: int):
+        super().__init__()
+        self.full_width, self.eps = cfg.hidden_size, cfg.norm_eps
+        self.branches = nn.ModuleDict(branches)
+        self.shortcut_name = shortcut_name
+        self.register_buffer("shortcut", None, persistent=False)  # (d_in, d_out) or None for identity
+        self.d_in, self.d_out = d_in, d_out
+
+    def input_linears(self) -> list[nn.Linear]:
+        """Linears that read the normed residual (their columns live in the residual basis)."""
+        out: list[nn.Linear] = []
+        for branch in self.branches.values():
+            if isinstance(branch, Attention):
+                out += [branch.q_proj, branch.k_proj, branch.v_proj]
+            else:
+                out += [m for m in (branch.gate_proj, branch.up_proj) if m is not None]
+        return out
+
+    def output_linears(self) -> list[nn.Linear]:
+        """Linears that write into the residual (their rows live in the residual basis)."""
+        return [b.o_proj if isinstance(b, Attention) else b.down_proj for b in self.branches.values()]
+
+    def branch_sum(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = rms_norm(x, self.full_width, self.eps)
+        out = None
+        for branch in self.branches.values():
+            y = branch(h, ctx) if isinstance(branch, Attention) else branch(h)
+            out = y if out is None else out + y
+        return out
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        residual = x if self.shortcut is None else x @ self.shortcut  # (B, T, d_out)
+        return residual + self.branch_sum(x, ctx)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: SlicedConfig, idx: int, widths: LayerWidths) -> None:
+        super().__init__()
+        attn = Attention(cfg, idx, widths.attn_in, widths.attn_out)
+        if cfg.block_kind == "sequential":
+            self.stages = nn.ModuleList(
+                [
+                    ResidualStage(cfg, {"attn": attn}, "attn_shortcut", widths.attn_in, widths.attn_out),
+                    ResidualStage(cfg, {"mlp": MLP(cfg, widths.mlp_in, widths.mlp_out)}, "mlp_shortcut", widths.mlp_in, widths.mlp_out),
+                ]
+            )
+        elif cfg.block_kind == "parallel":
+            mlp = MLP(cfg, widths.attn_in, widths.attn_out)
+            self.stages = nn.ModuleList([ResidualStage(cfg, {"attn": attn, "mlp": mlp}, "attn_shortcut", widths.attn_in, widths.attn_out)])
+        else:
+            raise SliceGPTError(f"unknown block kind {cfg.block_kind!r}")
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x, ctx)
+        return x
+
+
+@dataclasses.dataclass
+class ReferenceOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    past_key_values: KVCache | None
+
+
+class SlicedModel(nn.Module):
+    """A sliced (or fused, unsliced) decoder built from a :class:`SlicedConfig`."""
+
+    def __init__(self, cfg: SlicedConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embedding_width, device="meta")
+        self.embed_positions = (
+            nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.embedding_width, device="meta")
+            if cfg.position_embedding == "learned"
+            else None
+        )
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, w) for i, w in enumerate(cfg.layers)])
+        self.lm_head = linear(cfg.head_in, cfg.vocab_size, cfg.bias["head"])
+        inv_freq = rope_inverse_frequencies(cfg.rope) if cfg.rope is not None else torch.empty(0)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (r/2,) float64
+
+    # ----- weights -----------------------------------------------------------------
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors of this model under their checkpoint names (see checkpoint.py)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.named_parameters():
+            out[checkpoint_name(name)] = p.data
+        for i, layer in enumerate(self.layers):
+            for stage in layer.stages:
+                if stage.shortcut is not None:
+                    out[f"layers.{i}.{stage.shortcut_name}"] = stage.shortcut
+        return out
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Assign checkpoint tensors (no copy), refusing missing, unexpected or mis-shaped ones."""
+        expected = {checkpoint_name(n): p for n, p in self.named_parameters()}
+        shortcuts = {f"layers.{i}.{s.shortcut_name}": s for i, layer in enumerate(self.layers) for s in layer.stages}
+        problems = [f"missing tensor {n}" for n in expected if n not in tensors]
+        problems += [f"unexpected tensor {n}" for n in tensors if n not in expected and n not in shortcuts]
+        problems += [
+            f"tensor {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}"
+            for n, p in expected.items()
+            if n in tensors and tensors[n].shape != p.shape
+        ]
+        for n, s in shortcuts.items():
+            if n in tensors and tuple(tensors[n].shape) != (s.d_in, s.d_out):
+                problems.append(f"tensor {n} has shape {tuple(tensors[n].shape)}, expected {(s.d_in, s.d_out)}")
+            if n not in tensors and s.d_in != s.d_out:
+                problems.append(f"missing tensor {n}")
+        if problems:
+            raise SliceGPTError(f"checkpoint does not match its config: {'; '.join(problems[:5])}")
+        named = dict(self.named_parameters())
+        for module_name, p in named.items():
+            owner, attr = module_name.rsplit(".", 1)
+            module = self.get_submodule(owner)
+            setattr(module, attr, nn.Parameter(tensors[checkpoint_name(module_name)], requires_grad=False))
+        for n, s in shortcuts.items():
+            s.shortcut = tensors.get(n)
+        self.inv_freq = self.inv_freq.to(self.embed_tokens.weight.device)
+
+    # ----- forward -----------------------------------------------------------------
+    def attention_context(
+        self, attention_mask: torch.Tensor | None, T: int, cache: KVCache | None, device: torch.device, dtype: torch.dtype
+    ) -> tuple[AttentionContext, torch.Tensor]:
+        """Positions (B, T) and the attention context for T new tokens after the cache's past."""
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if attention_mask is None:
+            positions = torch.arange(past, S, device=device)[None]  # (1, T)
+            mask = None
+            if past > 0 or self.config.sliding_window is not None:
+                mask = causal_mask(torch.ones(1, S, dtype=torch.bool, device=device), T, self.config.sliding_window)
+        else:
+            keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
+            if keep.shape[1] != S:
+                raise SliceGPTError(f"attention_mask covers {keep.shape[1]} positions, expected past {past} + new {T}")
+            positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            mask = causal_mask(keep, T, self.config.sliding_window)
+        cos = sin = None
+        if self.inv_freq.numel():
+            freqs = positions[..., None].double() * self.inv_freq.to(device)  # (B, T, r/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, r)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return AttentionContext(cos, sin, mask, cache), positions
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (B, T, d_0)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions + self.config.position_offset)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(rms_norm(x, self.config.hidden_size, self.config.norm_eps))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> ReferenceOutput:
+        """Logits for `input_ids` (B, T); `attention_mask` (B, past + T) marks real tokens (left padding allowed)."""
+        cache = past_key_values if past_key_values is not None else (KVCache.empty(len(self.layers)) if use_cache else None)
+        dtype = self.embed_tokens.weight.dtype
+        ctx, positions = self.attention_context(attention_mask, input_ids.shape[1], cache, input_ids.device, dtype)
+        x = self.embed(input_ids, positions)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return ReferenceOutput(self.head(x), cache)
+
+
+def causal_mask(keep: torch.Tensor, T: int, window: int | None) -> torch.Tensor:
+    """(B, 1, T, S) bool: query t (absolute S - T + t) sees key s <= it that is real and within the window.
+
+    A query whose row would be empty (a padding position) may see itself, so that no row is
+    all -inf; its output is never used.
+    """
+    B, S = keep.shape
+    q_pos = torch.arange(S - T, S, device=keep.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=keep.device)[None, :]  # (1, S)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    mask = allowed[None] & keep[:, None, :]  # (B, T, S)
+    mask = mask | ((k_pos == q_pos)[None] & ~mask.any(-1, keepdim=True))
+    return mask[:, None]
+
+
+def checkpoint_name(module_name: str) -> str:
+    """Map a parameter's module path to its checkpoint name (layers.N.stages.i.branches.attn.q_proj -> layers.N.q_proj)."""
+    parts = module_name.split(".")
+    if parts[0] == "layers":
+        return ".".join(parts[:2] + parts[6:])
+    return module_name
+
+
+def build_model(cfg: SlicedConfig, tensors: dict[str, torch.Tensor]) -> SlicedModel:
+    """A reference model holding `tensors` (assigned, not copied)."""
+    model = SlicedModel(cfg)
+    model.load_weights(tensors)
+    return model.eval()
+
+
+def load_sliced(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SlicedModel:
+    """Load a sliced checkpoint folder as the project's PyTorch reference model."""
+    cfg, _ = read_config(Path(path))
+    tensors = read_tensors(Path(path), dtype=dtype)
+    model = build_model(cfg, tensors)
+    return model.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model: SlicedModel,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled continuation through the KV cache; returns (B, T + max_new_tokens)."""
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    out = model(input_ids, attention_mask=mask, use_cache=True)
+    tokens = [input_ids]
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, vocab)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        else:
+            nxt = logits.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        if step + 1 == max_new_tokens:
+            break
+        mask = torch.cat((mask, torch.ones_like(nxt)), dim=1)
+        out = model(nxt, attention_mask=mask, past_key_values=out.past_key_values)
+    return torch.cat(tokens, dim=1)

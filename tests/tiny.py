@@ -1,0 +1,64 @@
+"""Tiny random Hugging Face models and a byte-level tokenizer, built from configs for exactness tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB = 256
+
+#: model_type -> (config class name, config kwargs); one entry per supported family variant
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=12)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
+
+
+def tiny_hf_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random HF causal LM whose norms have random (non-unit) scales and biases, so fusion has work to do."""
+    import transformers
+
+    cls_name, extra = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(torch.rand_like(p) + 0.5 if pname.endswith("weight") else torch.randn_like(p) * 0.1)
+            elif pname.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model.to(dtype)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 tokens, one per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {tok: i for i, tok in enumerate(sorted(vocab))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!")
+
+
+def save_tiny_model(name: str, folder: Path, *, seed: int = 0) -> Path:
+    """Write a tiny model (safetensors + config.json + byte tokenizer) as a Hugging Face folder."""
+    model = tiny_hf_model(name, seed=seed)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
