@@ -78,7 +78,7 @@ def test_unknown_model_type(tiny_folder, calib_file, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
     out = tmp_path / "out"
     result = runner.invoke(app, slice_args(folder, out, calib_file))
-    assert_refused(result, "unsupported architecture: model_type 'gpt_neox' (supported: llama, mistral, qwen2", out)
+    assert_refused(result, "unsupported architecture: model_type 'gpt_neox' (supported: llama, mistral, opt, phi, qwen2)", out)
 
 
 def test_missing_weights(tiny_folder, calib_file, tmp_path):

@@ -15,6 +15,8 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=12)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "opt": ("OPTConfig", dict(ffn_dim=96, dropout=0.0)),
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),
 }
 COMMON = dict(
     vocab_size=VOCAB,
@@ -32,6 +34,8 @@ def tiny_hf_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 
 
     cls_name, extra = TINY_CONFIGS[name]
     config = getattr(transformers, cls_name)(**COMMON, **extra)
+    if cls_name == "OPTConfig":  # OPT names its MLP width ffn_dim and has no intermediate_size
+        config.word_embed_proj_dim = config.hidden_size
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
