@@ -66,3 +66,25 @@ def save_tiny_model(name: str, folder: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def write_sliced_checkpoint(name: str, sparsity: float, folder: Path) -> Path:
+    """Slice a tiny model on random calibration tokens and save it, byte tokenizer included.
+
+    The end-of-text id is set to VOCAB - 1, which greedy decoding of these models does not
+    reach in the tests, so generation runs its full length in every runtime.
+    """
+    from slicegpt_export.checkpoint import save_checkpoint
+    from slicegpt_export.converter.convert import slice_source
+    from slicegpt_export.converter.loading import SourceModel
+
+    hf = tiny_hf_model(name)
+    hf.config.eos_token_id = hf.config.bos_token_id = VOCAB - 1
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    model, cfg = slice_source(SourceModel(hf.config.to_dict(), sd, None, name), calib, sparsity=sparsity)
+    save_checkpoint(folder, tensors=model.named_weights(), config=cfg, base_config=hf.config.to_dict())
+    byte_tokenizer().save_pretrained(folder)
+    return folder

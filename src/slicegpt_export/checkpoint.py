@@ -148,6 +148,7 @@ def save_checkpoint(
     from huggingface_hub import save_torch_state_dict
 
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     save_torch_state_dict(contiguous, directory, max_shard_size=max_shard_size, safe_serialization=True)
     full = dict(base_config)

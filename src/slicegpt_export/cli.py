@@ -119,5 +119,25 @@ def perplexity_command(
     typer.echo(f"perplexity: {ppl:.4f}")
 
 
+@app.command("export")
+@one_line_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A sliced checkpoint folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    format: Annotated[str, typer.Option("--format", help="onnx or gguf.")] = "onnx",
+    precision: Annotated[str, typer.Option(help="ONNX: fp32 (CPU) or fp16 (CUDA).")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(help="ONNX: weight-only int8 or int4 (MatMulNBits).")] = None,
+    validate: Annotated[bool, typer.Option(help="Compare the artifact with the PyTorch reference after export.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Export a sliced checkpoint; then validate it against the PyTorch reference."""
+    from slicegpt_export.exporters import export_artifact
+
+    export_artifact(
+        format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, validate=validate, overwrite=overwrite
+    )
+    typer.echo(f"{format} export: {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,1 +1,27 @@
-"""Exporters: each a pure function of a sliced checkpoint (ONNX and GGUF arrive in later issues)."""
+"""Exporters: each a pure function of a sliced checkpoint, followed by validation against the reference."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from slicegpt_export.errors import SliceGPTError
+
+logger = logging.getLogger(__name__)
+FORMATS = ("onnx",)
+
+
+def export_artifact(
+    *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
+    validate: bool = True, overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Export `checkpoint` as `format` into `out`, then (by default) validate it against the PyTorch reference."""
+    if format == "onnx":
+        from slicegpt_export.exporters.onnx import export_onnx
+        from slicegpt_export.validation.onnx_runner import validate_onnx
+
+        export_onnx(checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, overwrite=overwrite)
+        if validate:
+            validate_onnx(out, checkpoint)
+        return out
+    raise SliceGPTError(f"unknown export format {format!r} (choose from {', '.join(FORMATS)})")

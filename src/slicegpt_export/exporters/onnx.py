@@ -1,0 +1,324 @@
+"""ONNX exporter: a sliced checkpoint as one decoder graph with a KV cache, for ONNX Runtime and onnxruntime-genai.
+
+The graph is built node by node from the checkpoint's config (no tracing).  Interface, as
+Optimum and onnxruntime-genai name it:
+
+* inputs ``input_ids`` (B, T) int64, ``attention_mask`` (B, P + T) int64, ``position_ids``
+  (B, T) int64, ``past_key_values.N.key`` / ``.value`` (B, K, P, hd);
+* outputs ``logits`` (B, T, vocab), ``present.N.key`` / ``.value`` (B, K, P + T, hd).
+
+Every norm is SliceGPT's RMSNorm over the original width D written as ONNX's fused
+``RMSNormalization`` over the sliced width d:  x / sqrt(|x|^2 / D + eps)
+= sqrt(D/d) * x / sqrt(mean_d(x^2) + eps * D/d).  Residual projections are MatMul nodes
+named ``layers.N.attn_shortcut`` / ``layers.N.mlp_shortcut``.  Linear weights are stored
+transposed (in x out), the MatMul layout.  Operators come from the default domain, opset 23
+(Attention with grouped KV heads and a past, RotaryEmbedding, RMSNormalization).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from slicegpt_export.atomic import atomic_directory
+from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, read_config, read_tensors
+from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.validation.reference import rope_inverse_frequencies
+
+logger = logging.getLogger(__name__)
+
+OPSET = 23
+IR_VERSION = 10
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to an external file
+PRECISIONS = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}
+QUANTIZATIONS = {"int8": 8, "int4": 4}
+QUANT_BLOCK_SIZE = 32
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")  # fmt: skip
+
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+
+
+def past_name(i: int, kind: str) -> str:
+    return f"past_key_values.{i}.{kind}"
+
+
+def present_name(i: int, kind: str) -> str:
+    return f"present.{i}.{kind}"
+
+
+class GraphBuilder:
+    """Accumulates nodes, initializers and value_info; hands out unique intermediate names."""
+
+    def __init__(self, elem_type: int, np_dtype: type) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
+        self.elem_type, self.np_dtype = elem_type, np_dtype
+        self.counter = 0
+
+    def op(self, op_type: str, inputs: list[str], *, name: str | None = None, outputs: int | list[str] = 1, **attrs: Any) -> Any:
+        """Add a node; returns its output name (or names when several)."""
+        self.counter += 1
+        node_name = name or f"/{op_type}_{self.counter}"
+        outs = outputs if isinstance(outputs, list) else [f"{node_name}/output_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def weight(self, name: str, array: np.ndarray | torch.Tensor, *, dtype: Any = None) -> str:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().to(torch.float64 if array.is_floating_point() else array.dtype).cpu().numpy()
+        array = np.ascontiguousarray(array.astype(dtype or self.np_dtype))
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def const_i64(self, name: str, values: list[int]) -> str:
+        return self.weight(name, np.array(values, dtype=np.int64), dtype=np.int64)
+
+    def annotate(self, value: str, shape: list[Any]) -> None:
+        self.value_info.append(helper.make_tensor_value_info(value, self.elem_type, shape))
+
+
+class DecoderGraph:
+    """Builds the decoder graph of one sliced checkpoint."""
+
+    def __init__(self, cfg: SlicedConfig, tensors: dict[str, torch.Tensor], precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise SliceGPTError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+        self.cfg, self.tensors = cfg, tensors
+        self.g = GraphBuilder(*PRECISIONS[precision])
+
+    # ----- building blocks -----------------------------------------------------------
+    def linear(self, x: str, name: str) -> str:
+        """x @ W^T (+ b) with W stored transposed as `name`.weight (in, out)."""
+        w = self.g.weight(f"{name}.weight", self.tensors[f"{name}.weight"].T)
+        y = self.g.op("MatMul", [x, w], name=f"{name}/MatMul")
+        if f"{name}.bias" in self.tensors:
+            y = self.g.op("Add", [y, self.g.weight(f"{name}.bias", self.tensors[f"{name}.bias"])], name=f"{name}/Add")
+        return y
+
+    def norm(self, x: str, width: int, name: str) -> str:
+        """SliceGPT's RMSNorm over D, as sqrt(D/d) * RMSNormalization_d(x) with epsilon * D/d."""
+        ratio = self.cfg.hidden_size / width
+        scale = self.g.weight(f"{name}.scale", np.full(width, math.sqrt(ratio)))
+        return self.g.op("RMSNormalization", [x, scale], name=name, axis=-1, epsilon=self.cfg.norm_eps * ratio)
+
+    def activation(self, x: str, name: str) -> str:
+        kind = self.cfg.activation
+        if kind == "silu":
+            return self.g.op("Mul", [x, self.g.op("Sigmoid", [x], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
+        if kind in ("gelu", "gelu_tanh"):
+            return self.g.op("Gelu", [x], name=f"{name}/Gelu", approximate="tanh" if kind == "gelu_tanh" else "none")
+        if kind == "relu":
+            return self.g.op("Relu", [x], name=f"{name}/Relu")
+        raise SliceGPTError(f"activation {kind!r} has no ONNX lowering")
+
+    def rope(self, x: str, heads: int, name: str) -> str:
+        return self.g.op(
+            "RotaryEmbedding", [x, "rope.cos_cache", "rope.sin_cache", POSITION_IDS], name=name,
+            num_heads=heads, rotary_embedding_dim=self.cfg.rope.dim, interleaved=0,
+        )  # fmt: skip
+
+    def attention(self, i: int, h: str, mask: str) -> str:
+        cfg, p = self.cfg, f"layers.{i}."
+        q, k, v = (self.linear(h, p + proj) for proj in ("q_proj", "k_proj", "v_proj"))  # (B, T, heads * hd)
+        if cfg.rope is not None:
+            q, k = self.rope(q, cfg.num_heads, p + "q_rotary"), self.rope(k, cfg.num_kv_heads, p + "k_rotary")
+        y = self.g.op(
+            "Attention", [q, k, v, mask, past_name(i, "key"), past_name(i, "value")], name=p + "attention",
+            outputs=[p + "attention/output", present_name(i, "key"), present_name(i, "value")],
+            q_num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
+        )[0]  # fmt: skip
+        return self.linear(y, p + "o_proj")
+
+    def mlp(self, i: int, h: str) -> str:
+        p = f"layers.{i}."
+        up = self.linear(h, p + "up_proj")
+        if self.cfg.gated_mlp:
+            hidden = self.g.op("Mul", [self.activation(self.linear(h, p + "gate_proj"), p + "act"), up], name=p + "gate_mul")
+        else:
+            hidden = self.activation(up, p + "act")
+        return self.linear(hidden, p + "down_proj")
+
+    def shortcut(self, x: str, i: int, kind: str) -> str:
+        """x @ S for the (d_in, d_out) residual projection, a MatMul named layers.N.<kind>."""
+        name = f"layers.{i}.{kind}"
+        if name not in self.tensors:
+            return x
+        return self.g.op("MatMul", [x, self.g.weight(name, self.tensors[name])], name=name)
+
+    def attention_mask_bias(self) -> str:
+        """(B, 1, T, P + T) bool: causal, real keys only, within the sliding window; an empty row may see itself."""
+        g = self.g
+        past_len = g.op("Shape", [past_name(0, "key")], name="/mask/past_len", start=2, end=3)  # (1,)
+        new_len = g.op("Shape", [INPUT_IDS], name="/mask/new_len", start=1, end=2)
+        total = g.op("Add", [past_len, new_len], name="/mask/total")
+        zero, one = g.const_i64("/mask/zero", [0]), g.const_i64("/mask/one", [1])
+        sq = lambda v, n: g.op("Squeeze", [v], name=n)  # noqa: E731
+        q_pos = g.op("Range", [sq(past_len, "/mask/p0"), sq(total, "/mask/s0"), sq(one, "/mask/o0")], name="/mask/q_range")
+        k_pos = g.op("Range", [sq(zero, "/mask/z1"), sq(total, "/mask/s1"), sq(one, "/mask/o1")], name="/mask/k_range")
+        q_col = g.op("Unsqueeze", [q_pos, g.const_i64("/mask/axis1", [1])], name="/mask/q_col")  # (T, 1)
+        k_row = g.op("Unsqueeze", [k_pos, g.const_i64("/mask/axis0", [0])], name="/mask/k_row")  # (1, S)
+        allowed = g.op("LessOrEqual", [k_row, q_col], name="/mask/causal")  # (T, S)
+        if self.cfg.sliding_window is not None:
+            dist = g.op("Sub", [q_col, k_row], name="/mask/dist")
+            inside = g.op("Less", [dist, g.const_i64("/mask/window", [self.cfg.sliding_window])], name="/mask/in_window")
+            allowed = g.op("And", [allowed, inside], name="/mask/windowed")
+        keep = g.op("Cast", [ATTENTION_MASK], name="/mask/keep", to=TensorProto.BOOL)  # (B, S)
+        keep = g.op("Unsqueeze", [keep, g.const_i64("/mask/axes12", [1, 2])], name="/mask/keep4")  # (B, 1, 1, S)
+        mask = g.op("And", [allowed, keep], name="/mask/and")  # (B, 1, T, S)
+        any_key = g.op(
+            "ReduceMax", [g.op("Cast", [mask], name="/mask/as_int", to=TensorProto.INT32), g.const_i64("/mask/last", [-1])],
+            name="/mask/any", keepdims=1,
+        )  # fmt: skip
+        empty = g.op("Not", [g.op("Cast", [any_key], name="/mask/any_bool", to=TensorProto.BOOL)], name="/mask/empty")
+        diagonal = g.op("Equal", [k_row, q_col], name="/mask/diagonal")
+        return g.op("Or", [mask, g.op("And", [diagonal, empty], name="/mask/self")], name="/mask/final")
+
+    # ----- the whole graph -----------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        cfg, g = self.cfg, self.g
+        x = g.op("Gather", [g.weight("embed_tokens.weight", self.tensors["embed_tokens.weight"]), INPUT_IDS], name="embed_tokens")
+        if cfg.position_embedding == "learned":
+            rows = g.op("Add", [POSITION_IDS, g.const_i64("embed_positions.offset", [cfg.position_offset])], name="/positions/offset")
+            pos = g.op("Gather", [g.weight("embed_positions.weight", self.tensors["embed_positions.weight"]), rows], name="embed_positions")
+            x = g.op("Add", [x, pos], name="/embeddings/add")
+        if cfg.rope is not None:
+            inv_freq = rope_inverse_frequencies(cfg.rope)  # (r/2,) float64
+            angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv_freq  # (positions, r/2)
+            g.weight("rope.cos_cache", angles.cos())
+            g.weight("rope.sin_cache", angles.sin())
+        mask = self.attention_mask_bias()
+        for i, w in enumerate(cfg.layers):
+            g.annotate(x, ["batch_size", "sequence_length", w.attn_in])
+            p = f"layers.{i}."
+            if cfg.block_kind == "parallel":
+                h = self.norm(x, w.attn_in, p + "norm")
+                branches = g.op("Add", [self.attention(i, h, mask), self.mlp(i, h)], name=p + "branches")
+                x = g.op("Add", [self.shortcut(x, i, "attn_shortcut"), branches], name=p + "residual")
+            else:
+                attn = self.attention(i, self.norm(x, w.attn_in, p + "attn_norm"), mask)
+                x = g.op("Add", [self.shortcut(x, i, "attn_shortcut"), attn], name=p + "attn_residual")
+                g.annotate(x, ["batch_size", "sequence_length", w.attn_out])
+                mlp = self.mlp(i, self.norm(x, w.mlp_in, p + "mlp_norm"))
+                x = g.op("Add", [self.shortcut(x, i, "mlp_shortcut"), mlp], name=p + "mlp_residual")
+        g.annotate(x, ["batch_size", "sequence_length", cfg.head_in])
+        logits = self.linear(self.norm(x, cfg.head_in, "final_norm"), "lm_head")
+        g.op("Identity", [logits], name="logits", outputs=[LOGITS])
+        return self.model()
+
+    def model(self) -> onnx.ModelProto:
+        cfg, g = self.cfg, self.g
+        kv_shape = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
+        present_shape = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
+        inputs = [
+            helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+            helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        ]
+        outputs = [helper.make_tensor_value_info(LOGITS, g.elem_type, ["batch_size", "sequence_length", cfg.vocab_size])]
+        for i in range(cfg.num_layers):
+            inputs += [helper.make_tensor_value_info(past_name(i, kind), g.elem_type, kv_shape) for kind in ("key", "value")]
+            outputs += [helper.make_tensor_value_info(present_name(i, kind), g.elem_type, present_shape) for kind in ("key", "value")]
+        graph = helper.make_graph(g.nodes, "slicegpt_decoder", inputs, outputs, g.initializers, value_info=g.value_info)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="slicegpt-export")
+        model.ir_version = IR_VERSION
+        helper.set_model_props(model, {"slicegpt": json.dumps(cfg.to_dict())})
+        return model
+
+
+def build_onnx_model(cfg: SlicedConfig, tensors: dict[str, torch.Tensor], *, precision: str = "fp32") -> onnx.ModelProto:
+    """The decoder graph of a sliced model (weights embedded)."""
+    return DecoderGraph(cfg, tensors, precision).build()
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
+    """Weight-only MatMulNBits quantization (symmetric, blocks of 32) through ONNX Runtime's quantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=QUANT_BLOCK_SIZE, is_symmetric=True, bits=bits, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK_SIZE, is_symmetric=True, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def genai_config(cfg: SlicedConfig, base: dict[str, Any], precision: str) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for the generic decoder-only model type."""
+    eos = base.get("eos_token_id")
+    return {
+        "model": {
+            "bos_token_id": base.get("bos_token_id"),
+            "context_length": cfg.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": INPUT_IDS,
+                    "attention_mask": ATTENTION_MASK,
+                    "position_ids": POSITION_IDS,
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {"logits": LOGITS, "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": base.get("pad_token_id") if base.get("pad_token_id") is not None else (eos[0] if isinstance(eos, list) else eos),
+            "type": "decoder",
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": cfg.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },  # fmt: skip
+    }
+
+
+def save_onnx(model: onnx.ModelProto, directory: Path) -> None:
+    """model.onnx, with the weights in model.onnx.data when they exceed EXTERNAL_DATA_THRESHOLD."""
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    external = size > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        model, str(directory / MODEL_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE, size_threshold=1024,
+    )  # fmt: skip
+
+
+def export_onnx(*, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None, overwrite: bool = False) -> Path:
+    """Export a sliced checkpoint folder to an ONNX folder (graph, genai_config.json, config.json, tokenizer)."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise SliceGPTError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZATIONS)})")
+    if quantize is not None and precision != "fp32":
+        raise SliceGPTError("--quantize applies to fp32 graphs (MatMulNBits keeps fp32 activations on CPU)")
+    cfg, base = read_config(checkpoint)
+    tensors = read_tensors(checkpoint)
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        logger.info("building the ONNX graph (%d layers, %s)", cfg.num_layers, precision)
+        model = build_onnx_model(cfg, tensors, precision=precision)
+        if quantize is not None:
+            logger.info("quantizing MatMul weights to %s", quantize)
+            model = quantize_weights(model, QUANTIZATIONS[quantize])
+        save_onnx(model, tmp)
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, base, precision), indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps({**base, "head_dim": cfg.head_dim}, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (Path(checkpoint) / name).is_file():
+                shutil.copyfile(Path(checkpoint) / name, tmp / name)
+    return Path(out)

@@ -1,0 +1,104 @@
+"""ONNX export of every family at sparsity 0 and 0.25, checked in ONNX Runtime and onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slicegpt_export.exporters.onnx import MODEL_FILE, export_onnx
+from slicegpt_export.validation.onnx_runner import OnnxDecoder, compare_with_reference, validate_onnx
+from slicegpt_export.validation.reference import generate, load_sliced
+from tiny import TINY_CONFIGS, VOCAB, write_sliced_checkpoint
+
+TOLERANCE = 1e-4  # fp32 max |logit difference| on CPU
+CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
+def exported(request, tmp_path_factory):
+    family, sparsity = request.param
+    root = tmp_path_factory.mktemp(f"{family}-{sparsity}")
+    checkpoint = write_sliced_checkpoint(family, sparsity, root / "checkpoint")
+    export_onnx(checkpoint=checkpoint, out=root / "onnx")
+    return checkpoint, root / "onnx"
+
+
+def test_prefill_and_cached_decode_match_the_reference(exported):
+    checkpoint, onnx_dir = exported
+    results = compare_with_reference(OnnxDecoder(onnx_dir), load_sliced(checkpoint), decode_steps=4)
+    assert [r.step for r in results] == ["prefill", "decode 1", "decode 2", "decode 3", "decode 4"]
+    for r in results:
+        assert r.max_abs_diff <= TOLERANCE, r
+
+
+def test_greedy_generation_matches_the_reference(exported):
+    checkpoint, onnx_dir = exported
+    decoder = OnnxDecoder(onnx_dir)
+    prompt = np.array([[5, 6, 7, 8, 9, 10]])
+    tokens, mask, past = prompt, np.ones_like(prompt), decoder.empty_past(1)
+    out = [prompt]
+    for _ in range(16):
+        logits, past = decoder.run(tokens, mask, past)
+        tokens = logits[:, -1:].argmax(-1)
+        out.append(tokens)
+        mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
+    expected = generate(load_sliced(checkpoint), torch.from_numpy(prompt), max_new_tokens=16)
+    assert np.concatenate(out, axis=1).tolist() == expected.tolist()
+
+
+def test_onnxruntime_genai_generates_the_reference_tokens(exported):
+    og = pytest.importorskip("onnxruntime_genai")
+    checkpoint, onnx_dir = exported
+    model = og.Model(str(onnx_dir))
+    prompt = og.Tokenizer(model).encode("Hello")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = [int(t) for t in generator.get_sequence(0)]
+    expected = generate(load_sliced(checkpoint), torch.tensor([prompt.tolist()]), max_new_tokens=16)[0].tolist()
+    assert VOCAB - 1 not in expected  # the end-of-text id never stops either side early
+    assert got == expected
+
+
+def test_graph_records_widths_shortcuts_and_config(exported):
+    checkpoint, onnx_dir = exported
+    model = onnx.load(str(onnx_dir / MODEL_FILE))
+    section = json.loads({p.key: p.value for p in model.metadata_props}["slicegpt"])
+    assert section == json.loads((checkpoint / "config.json").read_text())["slicegpt"]
+    names = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    for i, w in enumerate(section["layers"]):
+        assert names[f"layers.{i}.attn_shortcut"].op_type == "MatMul"
+        assert list(inits[f"layers.{i}.attn_shortcut"].dims) == [w["attn_in"], w["attn_out"]]
+        assert list(inits[f"layers.{i}.q_proj.weight"].dims)[0] == w["attn_in"]
+        if section["block_kind"] == "sequential":
+            assert list(inits[f"layers.{i}.mlp_shortcut"].dims) == [w["mlp_in"], w["mlp_out"]]
+    widths = {vi.type.tensor_type.shape.dim[2].dim_value for vi in model.graph.value_info}
+    assert {section["embedding_width"], section["head_in"]} <= widths
+    config = json.loads((onnx_dir / "config.json").read_text())
+    assert config["head_dim"] == section["head_dim"]
+    assert (onnx_dir / "genai_config.json").is_file() and (onnx_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(("quantize", "bound"), [("int8", 0.05), ("int4", 0.5)])
+def test_weight_only_quantization(tmp_path, quantize, bound):
+    checkpoint = write_sliced_checkpoint("llama", 0.25, tmp_path / "checkpoint")
+    export_onnx(checkpoint=checkpoint, out=tmp_path / quantize, quantize=quantize)
+    model = onnx.load(str(tmp_path / quantize / MODEL_FILE))
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    results = validate_onnx(tmp_path / quantize, checkpoint)  # quantized graphs are reported, not bounded
+    assert max(r.max_abs_diff for r in results) < bound
+
+
+def test_fp16_graph_runs_within_half_precision_tolerance(tmp_path):
+    checkpoint = write_sliced_checkpoint("qwen2", 0.25, tmp_path / "checkpoint")
+    export_onnx(checkpoint=checkpoint, out=tmp_path / "fp16", precision="fp16")
+    results = validate_onnx(tmp_path / "fp16", checkpoint)  # bounded by TOLERANCES["float16"] = 5e-2
+    assert max(r.max_abs_diff for r in results) < 5e-2
