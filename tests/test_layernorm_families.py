@@ -10,31 +10,10 @@ from slicegpt_export.converter.convert import fused_model, slice_fused
 from slicegpt_export.converter.loading import SourceModel
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.validation.perplexity import evaluation_windows, perplexity
-from tiny import tiny_hf_model
+from tiny import SEQLEN, byte_ids, tiny_hf_model, train
 
 STEPS = 300
-SEQLEN = 64
 SLICED_BOUND = 1.02  # sliced-at-0.1 perplexity within 2% of dense (measured: +0.015% OPT, +0.013% Phi)
-
-
-def byte_ids(path) -> torch.Tensor:
-    return torch.tensor(list(path.read_bytes()), dtype=torch.long)
-
-
-def train(model, ids: torch.Tensor, steps: int) -> None:
-    """A few hundred AdamW steps on random 64-byte windows: enough for a real, non-random signal."""
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    with torch.enable_grad():
-        for _ in range(steps):
-            starts = torch.randint(0, ids.numel() - SEQLEN, (16,), generator=gen)
-            batch = torch.stack([ids[s : s + SEQLEN] for s in starts.tolist()])
-            loss = model(batch, labels=batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module", params=["opt", "phi"])

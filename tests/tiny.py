@@ -25,6 +25,7 @@ COMMON = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     max_position_embeddings=256,
+    initializer_range=0.1,  # peaked logits: with transformers' 0.02 the top-1 of a random model is a near-tie
 )
 
 
@@ -48,7 +49,7 @@ def tiny_hf_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 
 
 
 def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: 256 tokens, one per byte."""
+    """A byte-level BPE tokenizer with no merges: 256 tokens, one per byte; begin/end of text is id 255."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +58,8 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!")
+    last = max(vocab, key=vocab.get)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=last, eos_token=last)
 
 
 def save_tiny_model(name: str, folder: Path, *, seed: int = 0) -> Path:
@@ -68,17 +70,20 @@ def save_tiny_model(name: str, folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def write_sliced_checkpoint(name: str, sparsity: float, folder: Path) -> Path:
+def write_sliced_checkpoint(name: str, sparsity: float, folder: Path, *, train_on: Path | None = None) -> Path:
     """Slice a tiny model on random calibration tokens and save it, byte tokenizer included.
 
-    The end-of-text id is set to VOCAB - 1, which greedy decoding of these models does not
-    reach in the tests, so generation runs its full length in every runtime.
+    With `train_on` (a text file) the model first gets 300 training steps on its bytes.  The
+    end-of-text id is set to VOCAB - 1, which greedy decoding of these models does not reach
+    in the tests, so generation runs its full length in every runtime.
     """
     from slicegpt_export.checkpoint import save_checkpoint
     from slicegpt_export.converter.convert import slice_source
     from slicegpt_export.converter.loading import SourceModel
 
     hf = tiny_hf_model(name)
+    if train_on is not None:
+        train(hf, byte_ids(train_on)[:200_000], 300)
     hf.config.eos_token_id = hf.config.bos_token_id = VOCAB - 1
     sd = {k: v.clone() for k, v in hf.state_dict().items()}
     if hf.config.tie_word_embeddings:
@@ -88,3 +93,27 @@ def write_sliced_checkpoint(name: str, sparsity: float, folder: Path) -> Path:
     save_checkpoint(folder, tensors=model.named_weights(), config=cfg, base_config=hf.config.to_dict())
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+SEQLEN = 64  # training and evaluation windows of the trained tiny models
+
+
+def byte_ids(path: Path) -> torch.Tensor:
+    """A text file as byte tokens (the byte tokenizer's ids)."""
+    return torch.tensor(list(path.read_bytes()), dtype=torch.long)
+
+
+def train(model, ids: torch.Tensor, steps: int) -> None:
+    """A few hundred AdamW steps on random 64-byte windows: enough for a real, peaked next-token signal."""
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            starts = torch.randint(0, ids.numel() - SEQLEN, (16,), generator=gen)
+            batch = torch.stack([ids[s : s + SEQLEN] for s in starts.tolist()])
+            loss = model(batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()

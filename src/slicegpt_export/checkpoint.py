@@ -7,7 +7,8 @@ A sliced checkpoint is a folder holding
   reader needs to run the model without guessing;
 * ``model.safetensors`` (or shards plus ``model.safetensors.index.json``) -- the weights,
   named as in :data:`TENSOR_NAMES`;
-* the tokenizer files of the source model.
+* the tokenizer files of the source model, and for a GGUF source ``gguf_metadata.json``
+  (its ``tokenizer.*`` and ``general.*`` keys, so a GGUF export carries the exact vocabulary).
 
 Tensor names and shapes (PyTorch order, ``out x in`` for linears), with ``d_l`` the widths below:
 
@@ -51,6 +52,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SECTION = "slicegpt"
+GGUF_METADATA_NAME = "gguf_metadata.json"  # a GGUF source's tokenizer.* / general.* keys, for GGUF export
 
 
 @dataclasses.dataclass

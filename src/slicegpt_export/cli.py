@@ -73,6 +73,7 @@ def slice_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    rotate: Annotated[bool, typer.Option(help="--no-rotate with --sparsity 0 writes the fused dense model (no PCA, no shortcuts).")] = True,
 ) -> None:
     """Fuse, rotate and slice a model into a sliced checkpoint folder."""
     from slicegpt_export.converter.convert import slice_checkpoint
@@ -91,6 +92,7 @@ def slice_command(
         device=device,
         dtype=parse_dtype(dtype),
         overwrite=overwrite,
+        rotate=rotate,
     )
     change = summary.params_after / summary.params_before - 1
     typer.echo(f"sliced checkpoint: {summary.out}")
@@ -127,6 +129,7 @@ def export_command(
     format: Annotated[str, typer.Option("--format", help="onnx or gguf.")] = "onnx",
     precision: Annotated[str, typer.Option(help="ONNX: fp32 (CPU) or fp16 (CUDA).")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="ONNX: weight-only int8 or int4 (MatMulNBits).")] = None,
+    gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
     validate: Annotated[bool, typer.Option(help="Compare the artifact with the PyTorch reference after export.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -134,8 +137,9 @@ def export_command(
     from slicegpt_export.exporters import export_artifact
 
     export_artifact(
-        format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, validate=validate, overwrite=overwrite
-    )
+        format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
+        validate=validate, overwrite=overwrite,
+    )  # fmt: skip
     typer.echo(f"{format} export: {out}")
 
 

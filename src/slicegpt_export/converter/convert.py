@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import resource
 import time
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slicegpt_export.atomic import atomic_directory
-from slicegpt_export.checkpoint import SlicedConfig, parameter_count, save_checkpoint
+from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, save_checkpoint
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.calibration import calibration_ids
 from slicegpt_export.converter.fusion import fuse_norms
@@ -112,12 +113,20 @@ def slice_fused(
     device: torch.device = torch.device("cpu"),
     batch_size: int = 8,
     progress: bool = False,
+    rotate: bool = True,
 ) -> dict[str, list[float]]:
     """Rotate and slice a fused model in place on the calibration windows `calib` (n, T).
 
-    Records the widths and sparsity in `cfg`; returns the eigenvalues of every PCA.
+    Records the widths and sparsity in `cfg`; returns the eigenvalues of every PCA.  With
+    rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no shortcuts,
+    the plain dense model in the sliced-checkpoint format.
     """
     check_sparsity(sparsity)
+    if not rotate:
+        if sparsity != 0 or slice_head:
+            raise SliceGPTError("--no-rotate keeps the dense model: it needs --sparsity 0 and no --slice-head")
+        cfg.sparsity, cfg.round_to = 0.0, round_to
+        return {}
     D = cfg.hidden_size
     width = sliced_width(D, sparsity, round_to)
     bar = tqdm(total=cfg.num_layers, desc="slicing layers", unit="layer", disable=not progress)
@@ -158,6 +167,7 @@ def slice_checkpoint(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
+    rotate: bool = True,
 ) -> SliceSummary:
     """Slice `model` and write a sliced checkpoint folder to `out` atomically."""
     check_sparsity(sparsity)
@@ -189,6 +199,7 @@ def slice_checkpoint(
             device=dev,
             batch_size=calib_batch_size,
             progress=progress,
+            rotate=rotate,
         )
         cfg.calibration = {
             "source": calib_origin,
@@ -203,6 +214,8 @@ def slice_checkpoint(
         torch.save({k: torch.tensor(v) for k, v in eigenvalues.items()}, tmp / "eigenvalues.pt")
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(str(tmp))
+        if source.gguf_metadata:
+            (tmp / GGUF_METADATA_NAME).write_text(json.dumps(source.gguf_metadata))
         params_after = parameter_count(tensors)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

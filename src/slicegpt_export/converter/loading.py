@@ -28,6 +28,31 @@ class SourceModel:
     tensors: dict[str, torch.Tensor]
     tokenizer: Any | None  # a transformers tokenizer, or None when the source has none
     origin: str
+    gguf_metadata: dict[str, dict[str, Any]] | None = None  # a GGUF source's tokenizer.* and general.* keys
+
+
+#: GGUF keys carried from a GGUF source into GGUF exports (the tokenizer exactly as the source had it)
+CARRIED_GGUF_PREFIXES = ("tokenizer.", "general.name", "general.basename", "general.size_label", "general.organization",
+                         "general.finetune", "general.license")  # fmt: skip
+
+
+def gguf_field_value(field: Any) -> dict[str, Any]:
+    """A GGUF metadata field as {"type": ..., "value": ...}, JSON-serializable and typed for re-writing."""
+    import gguf
+
+    kinds = {gguf.GGUFValueType.STRING: "string", gguf.GGUFValueType.BOOL: "bool", gguf.GGUFValueType.UINT32: "uint32",
+             gguf.GGUFValueType.INT32: "int32", gguf.GGUFValueType.FLOAT32: "float32"}  # fmt: skip
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        return {"type": f"array[{kinds[field.types[1]]}]", "value": list(field.contents())}
+    value = field.contents()
+    return {"type": kinds[field.types[0]], "value": value.item() if hasattr(value, "item") else value}
+
+
+def read_carried_gguf_metadata(path: Path) -> dict[str, dict[str, Any]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {k: gguf_field_value(f) for k, f in reader.fields.items() if k.startswith(CARRIED_GGUF_PREFIXES)}
 
 
 def default_model_path() -> Path:
@@ -100,10 +125,11 @@ def load_gguf(path: Path, *, dtype: torch.dtype) -> SourceModel:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+        carried = read_carried_gguf_metadata(path)
     except SliceGPTError:
         raise
     except Exception as exc:  # gguf-py raises bare ValueError/IndexError/struct errors on damaged files
         raise SliceGPTError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from exc
     tensors = {name: t.to(dtype) for name, t in parsed["tensors"].items()}
     hf_config = config.to_dict()
-    return SourceModel(hf_config, tensors, load_tokenizer(path.parent, gguf_file=path.name), str(path))
+    return SourceModel(hf_config, tensors, load_tokenizer(path.parent, gguf_file=path.name), str(path), carried)

@@ -8,12 +8,12 @@ from pathlib import Path
 from slicegpt_export.errors import SliceGPTError
 
 logger = logging.getLogger(__name__)
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 
 
 def export_artifact(
     *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
-    validate: bool = True, overwrite: bool = False,
+    gguf_type: str = "f16", validate: bool = True, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Export `checkpoint` as `format` into `out`, then (by default) validate it against the PyTorch reference."""
     if format == "onnx":
@@ -24,4 +24,12 @@ def export_artifact(
         if validate:
             validate_onnx(out, checkpoint)
         return out
+    if format == "gguf":
+        from slicegpt_export.exporters.gguf import export_gguf
+        from slicegpt_export.validation.gguf_runner import validate_gguf
+
+        path = export_gguf(checkpoint=checkpoint, out=out, gguf_type=gguf_type, overwrite=overwrite)
+        if validate:
+            validate_gguf(path, checkpoint)
+        return path
     raise SliceGPTError(f"unknown export format {format!r} (choose from {', '.join(FORMATS)})")

@@ -1,0 +1,52 @@
+"""Shared set-up for the benchmarks: the protocol's SmolLM2 checkpoints, built once and cached in bench/work/."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+WORK = REPO / "bench" / "work"  # git-ignored cache of checkpoints and exports
+logger = logging.getLogger("bench")
+
+
+def sliced_checkpoint(sparsity: float, *, rotate: bool = True) -> Path:
+    """SmolLM2-135M-Instruct sliced on the DEVELOPERS.md protocol's calibration (cached); rotate=False: fused only."""
+    from slicegpt_export.converter.convert import slice_checkpoint
+
+    out = WORK / (f"smollm2-{sparsity:g}" if rotate else "smollm2-dense")
+    if not (out / "config.json").is_file():
+        slice_checkpoint(
+            model=None, out=out, sparsity=sparsity, calib=str(DATA / "valid.txt"),
+            calib_samples=64, calib_seqlen=512, seed=42, device="cpu", progress=False, overwrite=True, rotate=rotate,
+        )  # fmt: skip
+    return out
+
+
+def hf_folder() -> Path:
+    """The embedded SmolLM2 GGUF written out as a Hugging Face folder (safetensors + tokenizer), for third-party tools."""
+    import transformers
+
+    from slicegpt_export.converter.loading import load_source
+
+    out = WORK / "smollm2-hf"
+    if (out / "config.json").is_file():
+        return out
+    source = load_source(None)
+    config = transformers.LlamaConfig(**{k: v for k, v in source.hf_config.items() if k not in ("transformers_version",)})
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(source.tensors, strict=False, assign=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    source.tokenizer.save_pretrained(out)
+    return out
+
+
+def test_windows(tokenizer) -> torch.Tensor:
+    from slicegpt_export.validation.perplexity import text_windows
+
+    return text_windows(DATA / "test.txt", tokenizer, seqlen=512, windows=64)

@@ -1,0 +1,200 @@
+"""GGUF exporter: a sliced checkpoint as a GGUF file of architecture `slicegpt` (docs/gguf-slicegpt.md).
+
+Written with gguf-py's GGUFWriter; tensor types through gguf-py's quantizers.  The tokenizer
+is embedded: a GGUF source's ``tokenizer.*`` keys verbatim (kept in the checkpoint's
+gguf_metadata.json), otherwise derived from the checkpoint's Hugging Face tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from slicegpt_export.atomic import atomic_directory
+from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, read_config, read_tensors
+from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.exporters import gguf_spec as spec
+
+logger = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+#: --gguf-type -> (tensor type of 2-D weights, general.file_type)
+GGUF_TYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+VALUE_TYPES = {
+    "string": gguf.GGUFValueType.STRING,
+    "bool": gguf.GGUFValueType.BOOL,
+    "uint32": gguf.GGUFValueType.UINT32,
+    "int32": gguf.GGUFValueType.INT32,
+    "float32": gguf.GGUFValueType.FLOAT32,
+}
+#: llama.cpp pre-tokenizer names, recognised from a tokenizer.json pre_tokenizer
+PRE_TOKENIZERS = {
+    json.dumps({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}): "gpt2",
+    json.dumps({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+               {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}): "smollm",
+}  # fmt: skip
+
+
+def gguf_file_name(gguf_type: str) -> str:
+    return f"model-{gguf_type}.gguf"
+
+
+def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
+    """Every `slicegpt.*` key of the spec."""
+    w.add_uint32(spec.SPEC_VERSION_KEY, spec.SPEC_VERSION)
+    w.add_string(spec.BASE_FAMILY, cfg.model_type)
+    for k, v in [(spec.BLOCK_COUNT, cfg.num_layers), (spec.EMBEDDING_LENGTH, cfg.hidden_size),
+                 (spec.CONTEXT_LENGTH, cfg.max_position_embeddings), (spec.FEED_FORWARD_LENGTH, cfg.intermediate_size),
+                 (spec.VOCAB_SIZE, cfg.vocab_size), (spec.HEAD_COUNT, cfg.num_heads), (spec.HEAD_COUNT_KV, cfg.num_kv_heads),
+                 (spec.KEY_LENGTH, cfg.head_dim), (spec.VALUE_LENGTH, cfg.head_dim), (spec.POSITION_OFFSET, cfg.position_offset),
+                 (spec.WIDTH_EMBEDDING, cfg.embedding_width), (spec.WIDTH_HEAD_IN, cfg.head_in)]:  # fmt: skip
+        w.add_uint32(k, int(v))
+    w.add_float32(spec.NORM_EPSILON, cfg.norm_eps)
+    w.add_float32(spec.SPARSITY, cfg.sparsity)
+    if cfg.sliding_window is not None:
+        w.add_uint32(spec.SLIDING_WINDOW, cfg.sliding_window)
+    for k, s in [(spec.BLOCK_KIND, cfg.block_kind), (spec.ACTIVATION, cfg.activation), (spec.POSITION_EMBEDDING, cfg.position_embedding)]:
+        w.add_string(k, s)
+    w.add_bool(spec.GATED_MLP, cfg.gated_mlp)
+    for k, flag in [(spec.BIAS_QKV, "qkv"), (spec.BIAS_ATTN_OUT, "attn_out"), (spec.BIAS_MLP, "mlp"), (spec.BIAS_HEAD, "head")]:
+        w.add_bool(k, cfg.bias[flag])
+    for k, field in [(spec.WIDTH_ATTN_IN, "attn_in"), (spec.WIDTH_ATTN_OUT, "attn_out"), (spec.WIDTH_MLP_IN, "mlp_in"), (spec.WIDTH_MLP_OUT, "mlp_out")]:
+        w.add_array(k, [int(getattr(layer, field)) for layer in cfg.layers])
+    if cfg.rope is not None:
+        w.add_float32(spec.ROPE_FREQ_BASE, cfg.rope.theta)
+        w.add_uint32(spec.ROPE_DIMENSION_COUNT, cfg.rope.dim)
+        scaling = cfg.rope.scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "none"))
+        w.add_string(spec.ROPE_SCALING_TYPE, kind)
+        if kind in ("linear", "llama3"):
+            w.add_float32(spec.ROPE_SCALING_FACTOR, float(scaling["factor"]))
+        if kind == "llama3":
+            w.add_float32(spec.ROPE_SCALING_LOW_FREQ_FACTOR, float(scaling["low_freq_factor"]))
+            w.add_float32(spec.ROPE_SCALING_HIGH_FREQ_FACTOR, float(scaling["high_freq_factor"]))
+            w.add_uint32(spec.ROPE_SCALING_ORIG_CTX, int(scaling["original_max_position_embeddings"]))
+
+
+def add_typed(w: gguf.GGUFWriter, key: str, item: dict[str, Any]) -> None:
+    """Write one {"type", "value"} entry as carried from a GGUF source."""
+    kind = item["type"]
+    if kind.startswith("array["):
+        w.add_key_value(key, item["value"], gguf.GGUFValueType.ARRAY, sub_type=VALUE_TYPES[kind[6:-1]])
+    else:
+        w.add_key_value(key, item["value"], VALUE_TYPES[kind])
+
+
+def tokenizer_from_hf(checkpoint: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+    """Tokens, token types and the llama.cpp pre-tokenizer name from a byte-level BPE tokenizer.json."""
+    path = checkpoint / "tokenizer.json"
+    if not path.is_file():
+        raise SliceGPTError(f"{checkpoint} has no tokenizer.json to embed in the GGUF file")
+    data = json.loads(path.read_text())
+    if data["model"]["type"] != "BPE" or data["model"].get("byte_fallback"):
+        raise SliceGPTError("GGUF export embeds byte-level BPE tokenizers only (this one is "
+                            f"{data['model']['type']}{' with byte fallback' if data['model'].get('byte_fallback') else ''})")  # fmt: skip
+    pre = {k: v for k, v in (data.get("pre_tokenizer") or {}).items() if k in ("type", "add_prefix_space", "use_regex", "pretokenizers")}
+    if "pretokenizers" in pre:
+        pre["pretokenizers"] = [{k: v for k, v in p.items() if k in ("type", "individual_digits", "add_prefix_space", "use_regex")}
+                                for p in pre["pretokenizers"]]  # fmt: skip
+    name = PRE_TOKENIZERS.get(json.dumps(pre))
+    if name is None:
+        raise SliceGPTError(f"no llama.cpp pre-tokenizer known for {json.dumps(data.get('pre_tokenizer'))[:200]}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for tok, idx in data["model"]["vocab"].items():
+        if idx < vocab_size:
+            tokens[idx], types[idx] = tok, gguf.TokenType.NORMAL
+    for added in data.get("added_tokens", []):
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    return tokens, [int(t) for t in types], name
+
+
+def add_tokenizer(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig) -> None:
+    carried_path = checkpoint / GGUF_METADATA_NAME
+    if carried_path.is_file():
+        for k, item in json.loads(carried_path.read_text()).items():
+            if k.startswith("tokenizer."):
+                add_typed(w, k, item)
+        return
+    tokens, types, pre = tokenizer_from_hf(checkpoint, cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    has_merges = bool(json.loads((checkpoint / "tokenizer.json").read_text())["model"].get("merges"))
+    gguf.SpecialVocab(checkpoint, load_merges=has_merges, n_vocab=cfg.vocab_size).add_to_gguf(w, quiet=True)
+
+
+def add_general(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig, file_type: int, n_params: int) -> None:
+    carried = {}
+    if (checkpoint / GGUF_METADATA_NAME).is_file():
+        carried = {k: v["value"] for k, v in json.loads((checkpoint / GGUF_METADATA_NAME).read_text()).items()}
+    basename = carried.get("general.basename", cfg.model_type)
+    w.add_name(f"{carried.get('general.name', basename)} (SliceGPT {cfg.sparsity:g})")
+    w.add_basename(basename)
+    w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+    w.add_file_type(int(file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def tensor_data(name: str, tensor: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
+    """The array and type to store: 1-D tensors stay f32; rows not a multiple of the block fall back to f16."""
+    array = tensor.detach().float().cpu().numpy()
+    if array.ndim == 1 or qtype == Q.F32:
+        return array.astype(np.float32), Q.F32
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if array.shape[-1] % block:
+        logger.info("%s: row length %d is not a multiple of %d, stored as f16 (slice with --round-to 32 to avoid)",
+                    name, array.shape[-1], block)  # fmt: skip
+        qtype = Q.F16
+    if qtype == Q.F16:
+        return array.astype(np.float16), Q.F16
+    return gguf.quants.quantize(array, qtype), qtype
+
+
+def gguf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors under their GGUF names, shortcuts transposed to the linear layout (d_out, d_in)."""
+    out = {}
+    for name, t in tensors.items():
+        is_shortcut = name.rsplit(".", 1)[-1] in ("attn_shortcut", "mlp_shortcut")
+        out[spec.gguf_name(name)] = t.T if is_shortcut else t
+    return out
+
+
+def export_gguf(*, checkpoint: Path, out: Path, gguf_type: str = "f16", overwrite: bool = False) -> Path:
+    """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path."""
+    if gguf_type not in GGUF_TYPES:
+        raise SliceGPTError(f"unknown GGUF type {gguf_type!r} (choose from {', '.join(GGUF_TYPES)})")
+    qtype, file_type = GGUF_TYPES[gguf_type]
+    checkpoint = Path(checkpoint)
+    cfg, _ = read_config(checkpoint)
+    tensors = read_tensors(checkpoint)
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        path = tmp / gguf_file_name(gguf_type)
+        w = gguf.GGUFWriter(str(path), spec.ARCH)
+        add_general(w, checkpoint, cfg, file_type, parameter_count(tensors))
+        add_hyperparameters(w, cfg)
+        add_tokenizer(w, checkpoint, cfg)
+        for name, t in tqdm(gguf_tensors(tensors).items(), desc="quantizing tensors", unit="tensor", leave=False):
+            data, stored = tensor_data(name, t, qtype)
+            w.add_tensor(name, data, raw_dtype=stored)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=True)
+        w.close()
+    return Path(out) / gguf_file_name(gguf_type)

@@ -1,0 +1,107 @@
+"""The `slicegpt` GGUF architecture, version 1: every metadata key and tensor name in one place.
+
+docs/gguf-slicegpt.md is the prose version of this module; the writer and the runner use
+only these constants.
+"""
+
+from __future__ import annotations
+
+ARCH = "slicegpt"
+SPEC_VERSION = 1
+
+
+def key(name: str) -> str:
+    return f"{ARCH}.{name}"
+
+
+# ---- scalar hyperparameters (uint32 unless noted) -------------------------------------------
+SPEC_VERSION_KEY = key("spec_version")
+BASE_FAMILY = key("base_family")  # string: the Hugging Face model_type the model came from
+BLOCK_COUNT = key("block_count")
+EMBEDDING_LENGTH = key("embedding_length")  # original width D: every norm divides by it
+CONTEXT_LENGTH = key("context_length")
+FEED_FORWARD_LENGTH = key("feed_forward_length")
+VOCAB_SIZE = key("vocab_size")
+HEAD_COUNT = key("attention.head_count")
+HEAD_COUNT_KV = key("attention.head_count_kv")
+KEY_LENGTH = key("attention.key_length")  # head dim (also value_length)
+VALUE_LENGTH = key("attention.value_length")
+NORM_EPSILON = key("attention.layer_norm_rms_epsilon")  # float32
+SLIDING_WINDOW = key("attention.sliding_window")  # optional
+ROPE_FREQ_BASE = key("rope.freq_base")  # float32, rope only
+ROPE_DIMENSION_COUNT = key("rope.dimension_count")  # rope only
+ROPE_SCALING_TYPE = key("rope.scaling.type")  # string: none, linear, llama3
+ROPE_SCALING_FACTOR = key("rope.scaling.factor")  # float32
+ROPE_SCALING_LOW_FREQ_FACTOR = key("rope.scaling.low_freq_factor")  # float32, llama3
+ROPE_SCALING_HIGH_FREQ_FACTOR = key("rope.scaling.high_freq_factor")  # float32, llama3
+ROPE_SCALING_ORIG_CTX = key("rope.scaling.original_context_length")  # llama3
+BLOCK_KIND = key("block_kind")  # string: sequential or parallel
+ACTIVATION = key("activation")  # string: silu, gelu, gelu_tanh, relu
+GATED_MLP = key("gated_mlp")  # bool
+BIAS_QKV = key("bias.qkv")  # bool
+BIAS_ATTN_OUT = key("bias.attn_out")  # bool
+BIAS_MLP = key("bias.mlp")  # bool
+BIAS_HEAD = key("bias.head")  # bool
+POSITION_EMBEDDING = key("position_embedding")  # string: rope or learned
+POSITION_OFFSET = key("position_offset")  # learned positions: row = position + offset
+SPARSITY = key("sparsity")  # float32, informative
+# ---- widths -----------------------------------------------------------------------------------
+WIDTH_EMBEDDING = key("width.embedding")
+WIDTH_ATTN_IN = key("width.attn_in")  # array[uint32] of block_count
+WIDTH_ATTN_OUT = key("width.attn_out")
+WIDTH_MLP_IN = key("width.mlp_in")
+WIDTH_MLP_OUT = key("width.mlp_out")
+WIDTH_HEAD_IN = key("width.head_in")
+
+REQUIRED_KEYS = (
+    SPEC_VERSION_KEY, BASE_FAMILY, BLOCK_COUNT, EMBEDDING_LENGTH, CONTEXT_LENGTH, FEED_FORWARD_LENGTH, VOCAB_SIZE,
+    HEAD_COUNT, HEAD_COUNT_KV, KEY_LENGTH, VALUE_LENGTH, NORM_EPSILON, BLOCK_KIND, ACTIVATION, GATED_MLP,
+    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, WIDTH_EMBEDDING,
+    WIDTH_ATTN_IN, WIDTH_ATTN_OUT, WIDTH_MLP_IN, WIDTH_MLP_OUT, WIDTH_HEAD_IN,
+)  # fmt: skip
+
+# ---- tensors: checkpoint name -> GGUF name ({i} = block index) -------------------------------
+TENSOR_NAMES = {
+    "embed_tokens.weight": "token_embd.weight",
+    "embed_positions.weight": "position_embd.weight",
+    "layers.{i}.q_proj.weight": "blk.{i}.attn_q.weight",
+    "layers.{i}.q_proj.bias": "blk.{i}.attn_q.bias",
+    "layers.{i}.k_proj.weight": "blk.{i}.attn_k.weight",
+    "layers.{i}.k_proj.bias": "blk.{i}.attn_k.bias",
+    "layers.{i}.v_proj.weight": "blk.{i}.attn_v.weight",
+    "layers.{i}.v_proj.bias": "blk.{i}.attn_v.bias",
+    "layers.{i}.o_proj.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.o_proj.bias": "blk.{i}.attn_output.bias",
+    "layers.{i}.attn_shortcut": "blk.{i}.attn_shortcut.weight",
+    "layers.{i}.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "layers.{i}.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.up_proj.bias": "blk.{i}.ffn_up.bias",
+    "layers.{i}.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "layers.{i}.down_proj.bias": "blk.{i}.ffn_down.bias",
+    "layers.{i}.mlp_shortcut": "blk.{i}.ffn_shortcut.weight",
+    "lm_head.weight": "output.weight",
+    "lm_head.bias": "output.bias",
+}
+#: shortcut matrices are stored transposed, as linear weights (d_out rows of d_in): y = S^T x
+SHORTCUTS = ("layers.{i}.attn_shortcut", "layers.{i}.mlp_shortcut")
+
+
+def gguf_name(checkpoint_name: str) -> str:
+    """GGUF tensor name of a checkpoint tensor (see TENSOR_NAMES)."""
+    parts = checkpoint_name.split(".")
+    if parts[0] == "layers":
+        template = "layers.{i}." + ".".join(parts[2:])
+        return TENSOR_NAMES[template].format(i=parts[1])
+    return TENSOR_NAMES[checkpoint_name]
+
+
+def checkpoint_name(gguf_tensor: str) -> str:
+    """Inverse of gguf_name; KeyError for a name the spec does not define."""
+    parts = gguf_tensor.split(".")
+    if parts[0] == "blk":
+        template = "blk.{i}." + ".".join(parts[2:])
+        return INVERSE[template].format(i=int(parts[1]))
+    return INVERSE[gguf_tensor]
+
+
+INVERSE = {v: k for k, v in TENSOR_NAMES.items()}

