@@ -99,9 +99,10 @@ def test_sliced_model_runs_close_to_dense(sliced_quarter):
     ids = prompt()
     logits = model(ids).logits
     assert torch.isfinite(logits).all()
-    # a random tiny model has no low-rank structure, so only a loose bound holds: slicing a
-    # quarter of the width must not blow the logits up
-    assert (logits - hf(ids).logits).abs().max().item() < 2.0
+    # a random tiny model has no low-rank structure, so only a loose bound holds: the sliced
+    # logits keep part of the dense signal (measured relative errors 0.38 to 0.73; 1.0 = no signal)
+    dense = hf(ids).logits
+    assert ((logits - dense).norm() / dense.norm()).item() < 0.85
 
 
 def test_save_then_load_gives_identical_logits(sliced_quarter, tmp_path):

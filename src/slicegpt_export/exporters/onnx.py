@@ -247,7 +247,7 @@ def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     """Weight-only MatMulNBits quantization (symmetric, blocks of 32) through ONNX Runtime's quantizer."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=QUANT_BLOCK_SIZE, is_symmetric=True, bits=bits, accuracy_level=4)
+    config = DefaultWeightOnlyQuantConfig(block_size=QUANT_BLOCK_SIZE, is_symmetric=True, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK_SIZE, is_symmetric=True, algo_config=config)
     quantizer.process()
     return quantizer.model.model
