@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from slicegpt_export.cli import app
-from slicegpt_export.validation.reference import load_sliced
+from slicegpt_export.validation.loader import load_sliced
 from tiny import save_tiny_model
 
 runner = CliRunner()

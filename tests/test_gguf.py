@@ -17,7 +17,7 @@ from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import gguf_spec as spec
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.validation.gguf_runner import GGUFModel, validate_gguf
-from slicegpt_export.validation.reference import load_sliced
+from slicegpt_export.validation.loader import load_sliced
 from tiny import TINY_CONFIGS, VOCAB, write_sliced_checkpoint
 
 CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]
@@ -58,7 +58,7 @@ def test_metadata_round_trips(checkpoint, tmp_path):
     model = GGUFModel(path)
     expected = cfg.to_dict()
     got = model.config.to_dict()
-    for k in ("calibration", "round_to", "format_version"):  # checkpoint bookkeeping, not part of the model
+    for k in ("calibration", "round_to", "format_version", "source_model", "dense_parameters"):  # checkpoint bookkeeping, not part of the model
         expected.pop(k), got.pop(k)
     assert got == as_float32(expected)  # GGUF stores float32 scalars
     fields = model.reader.fields

@@ -11,7 +11,8 @@ import torch
 
 from slicegpt_export.exporters.onnx import MODEL_FILE, export_onnx
 from slicegpt_export.validation.onnx_runner import OnnxDecoder, compare_with_reference, validate_onnx
-from slicegpt_export.validation.reference import generate, load_sliced
+from slicegpt_export.validation.loader import load_sliced
+from slicegpt_export.validation.reference import generate
 from slicegpt_export.validation.perplexity import evaluation_windows, perplexity
 from tiny import SEQLEN, TINY_CONFIGS, VOCAB, byte_ids, write_sliced_checkpoint
 

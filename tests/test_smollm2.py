@@ -6,17 +6,23 @@ Expected figures were measured with this code on the 2-core CPU machine (see REA
 from __future__ import annotations
 
 import pytest
+
 from slicegpt_export.converter.convert import fused_model, slice_checkpoint
-from slicegpt_export.converter.loading import default_model_path, load_source
+from slicegpt_export.converter.loading import default_model_path, load_source, load_tokenizer
 from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.exporters.gguf import export_gguf
+from slicegpt_export.exporters.onnx import export_onnx
+from slicegpt_export.validation.gguf_runner import GGUFModel
+from slicegpt_export.validation.onnx_runner import OnnxDecoder
 from slicegpt_export.validation.perplexity import perplexity, text_windows
-from slicegpt_export.validation.reference import load_sliced
+from slicegpt_export.validation.loader import load_sliced
 
 pytestmark = pytest.mark.slow
 
 DENSE_PPL = 26.149  # transformers' LlamaForCausalLM on the dequantized GGUF gives 26.1494
 SLICED_25_PPL = 46.936  # measured; the reference implementation gives 46.95 on this protocol
 SLICED_TOLERANCE = 0.01  # absolute; run-to-run float noise on this machine is far below it
+ARTIFACT_TOLERANCE = 1e-3  # relative: an exported artifact's perplexity against the reference's
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +39,17 @@ def test_windows(smollm2, wikitext):
     return text_windows(wikitext / "test.txt", smollm2.tokenizer, seqlen=512, windows=64)
 
 
-def logits_of(model):
-    return lambda ids: model(ids).logits
+@pytest.fixture(scope="module")
+def quarter(wikitext, tmp_path_factory, test_windows):
+    """The protocol's 0.25 checkpoint and its reference perplexity."""
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-25"
+    summary = slice_checkpoint(
+        model=None, out=out, sparsity=0.25, calib=str(wikitext / "valid.txt"),
+        calib_samples=64, calib_seqlen=512, seed=42, device="cpu", progress=False,
+    )  # fmt: skip
+    assert summary.config.embedding_width == 432 and summary.config.head_in == 576
+    model = load_sliced(out)
+    return out, perplexity(lambda ids: model(ids).logits, test_windows)
 
 
 def test_fused_dense_model_matches_transformers_and_its_perplexity(smollm2, test_windows):
@@ -47,25 +62,25 @@ def test_fused_dense_model_matches_transformers_and_its_perplexity(smollm2, test
     expected = hf(window).logits
     del hf
     fused, _, _ = fused_model(load_source(None))
-    got = fused(window).logits
-    assert (got - expected).abs().max().item() < 1e-3  # float32, 30 layers
-    ppl = perplexity(logits_of(fused), test_windows)
-    assert ppl == pytest.approx(DENSE_PPL, rel=1e-4)
+    assert (fused(window).logits - expected).abs().max().item() < 1e-3  # float32, 30 layers
+    assert perplexity(lambda ids: fused(ids).logits, test_windows) == pytest.approx(DENSE_PPL, rel=1e-4)
 
 
-def test_quarter_sparsity_perplexity_on_the_protocol(wikitext, test_windows, tmp_path, smollm2):
-    summary = slice_checkpoint(
-        model=None,
-        out=tmp_path / "smollm2-25",
-        sparsity=0.25,
-        calib=str(wikitext / "valid.txt"),
-        calib_samples=64,
-        calib_seqlen=512,
-        seed=42,
-        device="cpu",
-        progress=False,
-    )
-    assert summary.config.embedding_width == 432 and summary.config.head_in == 576
-    model = load_sliced(tmp_path / "smollm2-25")
-    ppl = perplexity(logits_of(model), test_windows)
-    assert ppl == pytest.approx(SLICED_25_PPL, abs=SLICED_TOLERANCE)
+def test_quarter_sparsity_perplexity_on_the_protocol(quarter):
+    assert quarter[1] == pytest.approx(SLICED_25_PPL, abs=SLICED_TOLERANCE)
+
+
+def test_onnx_runtime_perplexity_equals_the_reference(quarter, test_windows, tmp_path):
+    checkpoint, reference_ppl = quarter
+    export_onnx(checkpoint=checkpoint, out=tmp_path / "onnx")
+    ppl = perplexity(OnnxDecoder(tmp_path / "onnx").logits, test_windows)
+    assert ppl == pytest.approx(reference_ppl, rel=ARTIFACT_TOLERANCE)
+
+
+def test_gguf_f32_runner_perplexity_and_vocabulary(quarter, test_windows, tmp_path, wikitext):
+    checkpoint, reference_ppl = quarter
+    model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "gguf", gguf_type="f32"))
+    text = (wikitext / "test.txt").read_text()
+    ids = model.tokenizer().encode(text).ids
+    assert ids == load_tokenizer(checkpoint)(text)["input_ids"]  # the file's own vocabulary, the same ids
+    assert perplexity(model.logits, test_windows) == pytest.approx(reference_ppl, rel=ARTIFACT_TOLERANCE)

@@ -2,7 +2,8 @@
 
 from slicegpt_export.checkpoint import SlicedConfig
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.reference import SlicedModel, load_sliced
+from slicegpt_export.validation.loader import load_sliced
+from slicegpt_export.validation.reference import SlicedModel
 
 __version__ = "0.1.0"
 __all__ = ["SliceGPTError", "SlicedConfig", "SlicedModel", "load_sliced", "__version__"]

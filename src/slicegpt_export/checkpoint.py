@@ -101,6 +101,8 @@ class SlicedConfig:
     sparsity: float = 0.0
     round_to: int = 8
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source_model: str = ""  # where the dense model came from (folder, hub id or .gguf file)
+    dense_parameters: int = 0  # stored parameters of the dense source (a tied head counted once)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -153,7 +155,9 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     save_torch_state_dict(contiguous, directory, max_shard_size=max_shard_size, safe_serialization=True)
-    full = dict(base_config)
+    from slicegpt_export.hf_remote import write_remote_code
+
+    full = {**base_config, **write_remote_code(directory)}
     full[SECTION] = config.to_dict()
     (directory / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
 

@@ -45,9 +45,72 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-@app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+@app.callback(invoke_without_command=True)
+@one_line_errors
+def main(
+    ctx: typer.Context,
+    format: Annotated[str | None, typer.Option("--format", help="One-shot job: slice, export onnx|gguf|all, validate, report.")] = None,
+    model: Annotated[str | None, typer.Option(help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
+    sparsity: Annotated[float, typer.Option(help="Fraction of the hidden width to remove, in [0, 1).")] = 0.25,
+    out: Annotated[Path, typer.Option(help="Output folder of the one-shot job.")] = Path("slicegpt-out"),
+    calib: Annotated[str | None, typer.Option(help="Calibration text (file, folder or dataset).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 42,
+    round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    eval_text: Annotated[Path | None, typer.Option(help="Evaluation text for perplexity (else logits are compared on random tokens).")] = None,
+    precision: Annotated[str, typer.Option(help="ONNX: fp32 or fp16.")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(help="ONNX: int8 or int4 weight-only.")] = None,
+    gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
+    sweep: Annotated[str | None, typer.Option(help="Also slice at these sparsities, e.g. 0.1,0.2,0.3, for the sweep plot.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Zero-shot lm-eval-harness tasks, e.g. piqa,arc_easy (needs lm-eval).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Slice Hugging Face models with SliceGPT and export them for ONNX Runtime and GGUF toolchains.
+
+    With --format and no command, runs the whole job into --out: slice, export, validate, report.
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand is not None:
+        return
+    if format is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    from slicegpt_export.pipeline import run_job
+
+    options = dict(round_to=round_to, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                   calib_batch_size=calib_batch_size, seed=seed, device=device)  # fmt: skip
+    try:
+        job = run_job(out=out, formats=format, model=model, sparsity=sparsity, eval_text=eval_text, slice_options=options,
+                      precision=precision, quantize=quantize, gguf_type=gguf_type, sweep=parse_sweep(sweep),
+                      tasks=tasks.split(",") if tasks else None)  # fmt: skip
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; finished stages are kept, the interrupted one left no output", err=True)
+        raise typer.Exit(130) from None
+    print_job_summary(job)
+
+
+def parse_sweep(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise SliceGPTError(f"--sweep takes comma-separated sparsities, got {text!r}") from exc
+
+
+def print_job_summary(job: dict[str, Any]) -> None:
+    from slicegpt_export.validation.report import markdown_table
+
+    cfg = job["config"]
+    typer.echo("")
+    typer.echo(f"widths: {describe_widths(cfg)}")
+    typer.echo(f"parameters: {cfg.dense_parameters:,} dense -> {job['parameters']:,} sliced (shortcuts and untied head included)")
+    typer.echo(markdown_table(job["results"]))
+    typer.echo("time per stage: " + ", ".join(f"{r.name} {'reused' if r.reused else f'{r.seconds:.1f} s'}" for r in job["records"]))
+    typer.echo(f"report: {job['report']}")
 
 
 def describe_widths(cfg: SlicedConfig) -> str:
@@ -119,6 +182,30 @@ def perplexity_command(
 
     ppl = reference_perplexity(path, text=text, seqlen=seqlen, windows=windows, batch_size=batch_size, device=device)
     typer.echo(f"perplexity: {ppl:.4f}")
+
+
+@app.command("validate")
+@one_line_errors
+def validate_command(
+    directory: Annotated[Path, typer.Argument(help="A folder holding a sliced checkpoint and its exports (one level deep).")],
+    text: Annotated[Path | None, typer.Option(help="Evaluation text for perplexity.")] = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    windows: Annotated[int | None, typer.Option(help="Number of consecutive windows.")] = 64,
+    sweep: Annotated[str | None, typer.Option(help="Also slice at these sparsities, e.g. 0.1,0.2,0.3.")] = None,
+) -> None:
+    """Perplexity and logit agreement of every artifact found; writes report.md, report.json and plots."""
+    from slicegpt_export.pipeline import sweep_sparsities
+    from slicegpt_export.validation.report import find_artifacts, markdown_table, validate_directory, write_report
+
+    sparsities = parse_sweep(sweep)
+    if sparsities and text is None:
+        raise SliceGPTError("--sweep needs --text")
+    results = validate_directory(directory, text=text, seqlen=seqlen, windows=windows)
+    checkpoint = find_artifacts(directory).checkpoint
+    rows = sweep_sparsities(checkpoint, sparsities, text=text, out=directory / "sweep", seqlen=seqlen, windows=windows) if sparsities else None
+    report = write_report(directory, results, checkpoint=checkpoint, sweep=rows)
+    typer.echo(markdown_table(results))
+    typer.echo(f"report: {report}")
 
 
 @app.command("export")

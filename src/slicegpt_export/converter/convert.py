@@ -21,7 +21,8 @@ from slicegpt_export.converter.fusion import fuse_norms
 from slicegpt_export.converter.loading import SourceModel, load_source
 from slicegpt_export.converter.slicing import CalibrationBatch, rotate_and_slice, sliced_width
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.reference import SlicedModel, build_model, generate
+from slicegpt_export.validation.loader import build_checked
+from slicegpt_export.validation.reference import SlicedModel, generate
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     tensors = canonical_tensors(adapter, source, cfg.num_layers)
     norm_names = [n for n in tensors if "norm" in n.split(".")[-2]]
     norms = {n: tensors.pop(n) for n in norm_names}
-    model = build_model(cfg, tensors)
+    model = build_checked(cfg, tensors)
     fuse_norms(model, norms, norm_kind=adapter.norm_kind)
     cfg.bias = {**cfg.bias, "head": model.lm_head.bias is not None}
     return model, cfg, adapter
@@ -201,6 +202,7 @@ def slice_checkpoint(
             progress=progress,
             rotate=rotate,
         )
+        cfg.source_model, cfg.dense_parameters = source.origin, params_before
         cfg.calibration = {
             "source": calib_origin,
             "samples": int(ids.shape[0]),

@@ -18,7 +18,7 @@ import torch
 from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import gguf_spec as spec
-from slicegpt_export.validation.reference import SlicedModel, build_model
+from slicegpt_export.validation.reference import ModelDefinitionError, SlicedModel, build_model
 
 MIN_KV_BYTES = 8 + 8 + 4  # key length, one byte of key, value type
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, one byte, n_dims, one dim, type, offset
@@ -192,7 +192,7 @@ class GGUFModel:
         tensors = read_tensors(self.reader, self.path)
         try:
             self.model: SlicedModel = build_model(self.config, tensors)
-        except SliceGPTError as exc:
+        except ModelDefinitionError as exc:
             raise GGUFFormatError(f"{self.path}: {exc}") from exc
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,7 +248,7 @@ def validate_gguf(path: Path, checkpoint: Path, *, prompts: int = 8, length: int
     """Compare the file's logits with the reference on random prompts; one error listing every failed check."""
     import logging
 
-    from slicegpt_export.validation.reference import load_sliced
+    from slicegpt_export.validation.loader import load_sliced
 
     model = GGUFModel(path)
     reference = load_sliced(checkpoint)

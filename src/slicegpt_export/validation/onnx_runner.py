@@ -12,7 +12,8 @@ import torch
 from slicegpt_export.checkpoint import read_config
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.onnx import MODEL_FILE, past_name, present_name
-from slicegpt_export.validation.reference import SlicedModel, load_sliced
+from slicegpt_export.validation.loader import load_sliced
+from slicegpt_export.validation.reference import SlicedModel
 
 logger = logging.getLogger(__name__)
 

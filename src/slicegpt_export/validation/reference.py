@@ -7,20 +7,27 @@ modules, so what is measured while slicing is exactly what the saved model compu
 
 Shapes: B batch, T new tokens, S = past + T keys, D original width, d_l sliced widths,
 H query heads, K key/value heads, hd head dim.
+
+This module depends on torch alone: it is copied next to the weights of a sliced checkpoint
+so that transformers can load the checkpoint with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig, read_config, read_tensors
-from slicegpt_export.errors import SliceGPTError
+if TYPE_CHECKING:
+    from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
+
+
+class ModelDefinitionError(ValueError):
+    """The config and tensors do not describe a model this module can run."""
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -61,7 +68,7 @@ def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
-    raise SliceGPTError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+    raise ModelDefinitionError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +219,7 @@ class DecoderLayer(nn.Module):
             mlp = MLP(cfg, widths.attn_in, widths.attn_out)
             self.stages = nn.ModuleList([ResidualStage(cfg, {"attn": attn, "mlp": mlp}, "attn_shortcut", widths.attn_in, widths.attn_out)])
         else:
-            raise SliceGPTError(f"unknown block kind {cfg.block_kind!r}")
+            raise ModelDefinitionError(f"unknown block kind {cfg.block_kind!r}")
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         for stage in self.stages:
@@ -272,7 +279,7 @@ class SlicedModel(nn.Module):
             if n not in tensors and s.d_in != s.d_out:
                 problems.append(f"missing tensor {n}")
         if problems:
-            raise SliceGPTError(f"checkpoint does not match its config: {'; '.join(problems[:5])}")
+            raise ModelDefinitionError(f"checkpoint does not match its config: {'; '.join(problems[:5])}")
         named = dict(self.named_parameters())
         for module_name, p in named.items():
             owner, attr = module_name.rsplit(".", 1)
@@ -297,7 +304,7 @@ class SlicedModel(nn.Module):
         else:
             keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
             if keep.shape[1] != S:
-                raise SliceGPTError(f"attention_mask covers {keep.shape[1]} positions, expected past {past} + new {T}")
+                raise ModelDefinitionError(f"attention_mask covers {keep.shape[1]} positions, expected past {past} + new {T}")
             positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             mask = causal_mask(keep, T, self.config.sliding_window)
         cos = sin = None
@@ -363,14 +370,6 @@ def build_model(cfg: SlicedConfig, tensors: dict[str, torch.Tensor]) -> SlicedMo
     model = SlicedModel(cfg)
     model.load_weights(tensors)
     return model.eval()
-
-
-def load_sliced(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SlicedModel:
-    """Load a sliced checkpoint folder as the project's PyTorch reference model."""
-    cfg, _ = read_config(Path(path))
-    tensors = read_tensors(Path(path), dtype=dtype)
-    model = build_model(cfg, tensors)
-    return model.to(device)
 
 
 @torch.no_grad()

@@ -1,0 +1,243 @@
+"""Validation of every artifact in a folder against the PyTorch reference, written as report.md/.json and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slicegpt_export.atomic import atomic_file
+from slicegpt_export.checkpoint import read_config
+from slicegpt_export.converter.loading import load_tokenizer
+from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.validation.loader import load_sliced
+from slicegpt_export.validation.perplexity import LogitsFn, perplexity, text_windows
+from slicegpt_export.validation.runners import is_sliced_checkpoint
+
+logger = logging.getLogger(__name__)
+
+COMPARE_WINDOWS = 2  # evaluation windows on which logits are compared with the reference
+
+
+@dataclasses.dataclass
+class ArtifactResult:
+    name: str  # "reference", "onnx (fp32)", "gguf q8_0", "dense source"
+    path: str
+    size_mb: float | None = None
+    perplexity: float | None = None
+    max_abs_diff: float | None = None  # against the reference, over the compared windows
+    mean_abs_diff: float | None = None
+    kl_divergence: float | None = None  # mean KL(reference || artifact) per token, nats
+    top1_agreement: float | None = None
+
+
+@dataclasses.dataclass
+class Artifacts:
+    checkpoint: Path
+    onnx: list[Path]
+    gguf: list[Path]
+
+
+def find_artifacts(directory: Path) -> Artifacts:
+    """The sliced checkpoint, ONNX folders and GGUF files in `directory` or one level below."""
+    directory = Path(directory)
+    candidates = [directory, *sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    checkpoints = [p for p in candidates if is_sliced_checkpoint(p)]
+    if not checkpoints:
+        raise SliceGPTError(f"no sliced checkpoint (config.json with a slicegpt section) in {directory} or its sub-folders")
+    onnx = [p for p in candidates if (p / "model.onnx").is_file()]
+    gguf = sorted(f for p in candidates for f in p.glob("*.gguf"))
+    return Artifacts(checkpoints[0], onnx, gguf)
+
+
+def size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.name.startswith("model")]
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """Max and mean |difference|, mean KL(reference || other) and top-1 agreement of (N, V) logits."""
+    ref, oth = reference.float().flatten(0, -2), other.float().flatten(0, -2)
+    kl = F.kl_div(F.log_softmax(oth, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+    return {
+        "max_abs_diff": (ref - oth).abs().max().item(),
+        "mean_abs_diff": (ref - oth).abs().mean().item(),
+        "kl_divergence": kl.item(),
+        "top1_agreement": (ref.argmax(-1) == oth.argmax(-1)).float().mean().item(),
+    }
+
+
+def artifact_runners(artifacts: Artifacts) -> list[tuple[str, Path, Callable[[], LogitsFn]]]:
+    """(name, path, factory of a logits function) for every exported artifact."""
+    from slicegpt_export.validation.gguf_runner import GGUFModel
+    from slicegpt_export.validation.onnx_runner import OnnxDecoder
+
+    runners: list[tuple[str, Path, Callable[[], LogitsFn]]] = []
+    for p in artifacts.onnx:
+        runners.append((f"onnx {p.name}", p, lambda p=p: OnnxDecoder(p).logits))
+    for f in artifacts.gguf:
+        runners.append((f"gguf {f.stem.removeprefix('model-')}", f, lambda f=f: GGUFModel(f).logits))
+    return runners
+
+
+@torch.no_grad()
+def validate_directory(
+    directory: Path, *, text: Path | None, seqlen: int = 512, windows: int | None = 64, batch_size: int = 8, dense: bool = True
+) -> list[ArtifactResult]:
+    """Perplexity and agreement with the reference of every artifact; the dense source's perplexity when at hand."""
+    artifacts = find_artifacts(directory)
+    cfg, _ = read_config(artifacts.checkpoint)
+    seqlen = min(seqlen, cfg.max_position_embeddings)  # exported graphs hold rotary tables for this many positions
+    reference = load_sliced(artifacts.checkpoint)
+    if text is not None:
+        ids = text_windows(Path(text), load_tokenizer(artifacts.checkpoint), seqlen=seqlen, windows=windows)
+    else:  # no evaluation text: agreement on random tokens only
+        ids = torch.randint(0, cfg.vocab_size, (COMPARE_WINDOWS, seqlen), generator=torch.Generator().manual_seed(0))
+    compare = ids[:COMPARE_WINDOWS]
+    ref_logits = reference(compare).logits
+
+    def evaluate(name: str, path: Path, fn: LogitsFn, with_agreement: bool) -> ArtifactResult:
+        result = ArtifactResult(name, str(path), size_mb(path) if path.exists() else None)
+        if text is not None:
+            result.perplexity = perplexity(fn, ids, batch_size=batch_size, progress=True)
+        if with_agreement:
+            for k, v in agreement(ref_logits, fn(compare)).items():
+                setattr(result, k, v)
+        logger.info("%s: perplexity %s, max |logit diff| %s", name, result.perplexity, result.max_abs_diff)
+        return result
+
+    results = [evaluate("reference", artifacts.checkpoint, lambda x: reference(x).logits, False)]
+    for name, path, factory in artifact_runners(artifacts):
+        results.append(evaluate(name, path, factory(), True))
+    source = cfg.source_model
+    if dense and text is not None and source and Path(source).exists():
+        from slicegpt_export.converter.convert import fused_model
+        from slicegpt_export.converter.loading import load_source
+
+        dense_model = fused_model(load_source(source))[0]
+        results.insert(0, evaluate("dense source", Path(source), lambda x: dense_model(x).logits, False))
+    return results
+
+
+def eigenvalue_spectra(checkpoint: Path) -> dict[str, torch.Tensor]:
+    path = Path(checkpoint) / "eigenvalues.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def kept_variance(spectra: dict[str, torch.Tensor], cfg: Any) -> dict[str, float]:
+    """Fraction of each signal's (damped) variance inside the kept principal directions."""
+    widths = {"embedding": cfg.embedding_width}
+    for i, w in enumerate(cfg.layers):
+        widths[f"layers.{i}.attn_shortcut"] = w.attn_out
+        widths[f"layers.{i}.mlp_shortcut"] = w.mlp_out
+    return {k: (v[: widths[k]].sum() / v.sum()).item() for k, v in spectra.items() if k in widths}
+
+
+def write_plots(directory: Path, results: list[ArtifactResult], checkpoint: Path, sweep: list[dict] | None = None) -> list[Path]:
+    """PNG plots: eigenvalue spectra, kept variance per layer, perplexity per backend, and the sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, _ = read_config(checkpoint)
+    spectra = eigenvalue_spectra(checkpoint)
+    written = []
+    if spectra:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        names = [k for k in spectra if k.endswith("mlp_shortcut") or k.endswith("attn_shortcut") or k == "embedding"]
+        cmap = plt.get_cmap("viridis")
+        for n, name in enumerate(names):
+            values = spectra[name].double()
+            ax.semilogy(torch.arange(1, values.numel() + 1), values / values.sum(), color=cmap(n / max(len(names) - 1, 1)), lw=0.8)
+        ax.axvline(cfg.embedding_width, color="red", ls="--", label=f"kept width {cfg.embedding_width} of {cfg.hidden_size}")
+        ax.set(xlabel="principal direction", ylabel="eigenvalue / trace", title="PCA spectra of the residual signals (dark: early, light: late)")
+        ax.legend()
+        written.append(save_figure(fig, directory / "spectra.png"))
+        kept = kept_variance(spectra, cfg)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot(range(len(kept)), list(kept.values()), marker=".")
+        ax.set(xlabel="signal (embedding, then attention/MLP output of each layer)", ylabel="kept variance fraction",
+               title=f"Variance kept at sparsity {cfg.sparsity:g}", ylim=(min(kept.values()) - 0.02, 1.0))  # fmt: skip
+        written.append(save_figure(fig, directory / "kept_variance.png"))
+    with_ppl = [r for r in results if r.perplexity is not None]
+    if with_ppl:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([r.name for r in with_ppl], [r.perplexity for r in with_ppl], color="tab:blue")
+        for k, r in enumerate(with_ppl):
+            ax.text(k, r.perplexity, f"{r.perplexity:.2f}", ha="center", va="bottom")
+        ax.set(ylabel="perplexity", title="Perplexity per backend")
+        ax.tick_params(axis="x", rotation=20)
+        written.append(save_figure(fig, directory / "perplexity.png"))
+    if sweep:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        xs = [s["sparsity"] for s in sweep]
+        ax.plot(xs, [s["perplexity"] for s in sweep], marker="o", color="tab:red")
+        ax.set(xlabel="sparsity", ylabel="perplexity", title="Perplexity and parameters against sparsity")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [s["parameters"] / 1e6 for s in sweep], marker="s", color="tab:gray")
+        ax2.set_ylabel("parameters (M, shortcuts included)")
+        written.append(save_figure(fig, directory / "sweep.png"))
+    return written
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    with atomic_file(path) as tmp:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown_table(results: list[ArtifactResult]) -> str:
+    lines = ["| artifact | perplexity | max abs diff | mean abs diff | KL | top-1 | size (MiB) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {fmt(r.perplexity, '.3f')} | {fmt(r.max_abs_diff, '.3g')} | {fmt(r.mean_abs_diff, '.3g')} "
+            f"| {fmt(r.kl_divergence, '.3g')} | {fmt(r.top1_agreement, '.1%')} | {fmt(r.size_mb, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(directory: Path, results: list[ArtifactResult], *, checkpoint: Path, extra: dict[str, Any] | None = None,
+                 sweep: list[dict] | None = None) -> Path:  # fmt: skip
+    """report.json, report.md and the plots into `directory`."""
+    cfg, _ = read_config(checkpoint)
+    plots = write_plots(directory, results, checkpoint, sweep)
+    data = {"config": cfg.to_dict(), "artifacts": [dataclasses.asdict(r) for r in results], "sweep": sweep, **(extra or {})}
+    with atomic_file(directory / "report.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    widths = sorted({w.attn_in for w in cfg.layers})
+    body = [
+        f"# SliceGPT validation report: {cfg.model_type}, sparsity {cfg.sparsity:g}",
+        "",
+        f"Source: `{cfg.source_model}`. Width D = {cfg.hidden_size}; embedding {cfg.embedding_width}; "
+        f"block widths {widths}; head input {cfg.head_in}. Calibration: {cfg.calibration}.",
+        "",
+        markdown_table(results),
+        "",
+        "Differences are against the PyTorch reference on the first evaluation windows; KL is mean KL(reference || artifact) per token.",
+        "",
+    ]
+    if (extra or {}).get("zero_shot"):
+        body += ["## Zero-shot (lm-eval-harness)", "", "```", json.dumps(extra["zero_shot"], indent=2), "```", ""]
+    if sweep:
+        body += ["## Sweep", "", "| sparsity | perplexity | parameters |", "|---|---|---|"]
+        body += [f"| {s['sparsity']:g} | {s['perplexity']:.3f} | {s['parameters']:,} |" for s in sweep] + [""]
+    body += [f"![{p.stem}]({p.name})" for p in plots]
+    with atomic_file(directory / "report.md") as tmp:
+        tmp.write_text("\n".join(body) + "\n")
+    return directory / "report.md"
