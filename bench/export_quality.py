@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, sliced_checkpoint, test_windows  # noqa: E402
+from common import WORK, sliced_checkpoint, test_windows
 
 
 def size_mb(path: Path) -> float:
@@ -30,9 +30,9 @@ def main() -> None:
     from slicegpt_export.exporters.gguf import export_gguf
     from slicegpt_export.exporters.onnx import export_onnx
     from slicegpt_export.validation.gguf_runner import GGUFModel
+    from slicegpt_export.validation.loader import load_sliced
     from slicegpt_export.validation.onnx_runner import OnnxDecoder
     from slicegpt_export.validation.perplexity import perplexity
-    from slicegpt_export.validation.loader import load_sliced
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsity", type=float, default=0.25)

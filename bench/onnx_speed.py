@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, hf_folder, sliced_checkpoint  # noqa: E402
+from common import WORK, hf_folder, sliced_checkpoint
 
 PREFILL_LEN, PROMPT_LEN, NEW_TOKENS = 512, 32, 128
 

@@ -30,8 +30,8 @@ def run_one(sparsity: float) -> dict:
     """Slice at `sparsity`, measure perplexity; runs inside a fresh process."""
     from slicegpt_export.converter.convert import slice_checkpoint
     from slicegpt_export.converter.loading import load_tokenizer
-    from slicegpt_export.validation.perplexity import perplexity, text_windows
     from slicegpt_export.validation.loader import load_sliced
+    from slicegpt_export.validation.perplexity import perplexity, text_windows
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sliced"

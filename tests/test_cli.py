@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import save_tiny_model
 from typer.testing import CliRunner
 
 from slicegpt_export.cli import app
 from slicegpt_export.validation.loader import load_sliced
-from tiny import save_tiny_model
 
 runner = CliRunner()
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40  # 1800 bytes = 1800 byte tokens

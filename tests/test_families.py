@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from oracle import oracle_logits
+from tiny import TINY_CONFIGS, VOCAB, tiny_hf_model
+
 from slicegpt_export.checkpoint import save_checkpoint
 from slicegpt_export.converter.adapters import supported_model_types
 from slicegpt_export.converter.convert import slice_source
 from slicegpt_export.converter.loading import SourceModel
 from slicegpt_export.validation.loader import load_sliced
 from slicegpt_export.validation.reference import generate
-from tiny import TINY_CONFIGS, VOCAB, tiny_hf_model
 
 FAMILIES = list(TINY_CONFIGS)
 

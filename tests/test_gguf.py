@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import struct
@@ -11,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_CONFIGS, VOCAB, write_sliced_checkpoint
 
 from slicegpt_export.checkpoint import read_config
 from slicegpt_export.errors import SliceGPTError
@@ -18,7 +18,6 @@ from slicegpt_export.exporters import gguf_spec as spec
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.validation.gguf_runner import GGUFModel, validate_gguf
 from slicegpt_export.validation.loader import load_sliced
-from tiny import TINY_CONFIGS, VOCAB, write_sliced_checkpoint
 
 CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]
 BOUNDS = {"f32": 1e-4, "f16": 1e-2}

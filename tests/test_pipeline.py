@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import save_tiny_model
 from typer.testing import CliRunner
 
 from slicegpt_export.cli import app
@@ -15,7 +15,6 @@ from slicegpt_export.validation.loader import load_sliced
 from slicegpt_export.validation.onnx_runner import OnnxDecoder
 from slicegpt_export.validation.perplexity import perplexity, text_windows
 from slicegpt_export.validation.report import agreement
-from tiny import save_tiny_model
 
 runner = CliRunner()
 TEXT = "The quick brown fox jumps over the lazy dog. " * 60

@@ -13,9 +13,9 @@ from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.exporters.onnx import export_onnx
 from slicegpt_export.validation.gguf_runner import GGUFModel
+from slicegpt_export.validation.loader import load_sliced
 from slicegpt_export.validation.onnx_runner import OnnxDecoder
 from slicegpt_export.validation.perplexity import perplexity, text_windows
-from slicegpt_export.validation.loader import load_sliced
 
 pytestmark = pytest.mark.slow
 

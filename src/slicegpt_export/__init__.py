@@ -6,4 +6,4 @@ from slicegpt_export.validation.loader import load_sliced
 from slicegpt_export.validation.reference import SlicedModel
 
 __version__ = "0.1.0"
-__all__ = ["SliceGPTError", "SlicedConfig", "SlicedModel", "load_sliced", "__version__"]
+__all__ = ["SliceGPTError", "SlicedConfig", "SlicedModel", "__version__", "load_sliced"]

@@ -162,15 +162,20 @@ def save_checkpoint(
     (directory / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: Path, *, missing: str) -> dict[str, Any]:
+    """A JSON file's content; `missing` is the error message when the file is absent."""
+    if not path.is_file():
+        raise SliceGPTError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SliceGPTError(f"cannot read {path}: {exc}") from exc
+
+
 def read_config(directory: Path) -> tuple[SlicedConfig, dict[str, Any]]:
     """Return the sliced config and the full config.json dict of a checkpoint folder."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise SliceGPTError(f"{directory} is not a sliced checkpoint: {CONFIG_NAME} is missing")
-    try:
-        full = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SliceGPTError(f"cannot read {path}: {exc}") from exc
+    full = read_json(path, missing=f"{directory} is not a sliced checkpoint: {CONFIG_NAME} is missing")
     if SECTION not in full:
         raise SliceGPTError(f"{path} has no '{SECTION}' section: this is not a sliced checkpoint")
     try:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slicegpt_export.checkpoint import read_tensors
+from slicegpt_export.checkpoint import read_json, read_tensors
 from slicegpt_export.errors import SliceGPTError
 
 logger = logging.getLogger(__name__)
@@ -104,13 +103,7 @@ def load_tokenizer(folder: Path, gguf_file: str | None = None) -> Any | None:
 
 
 def load_hf_folder(folder: Path, *, dtype: torch.dtype) -> SourceModel:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise SliceGPTError(f"{folder} is not a Hugging Face model folder: config.json is missing")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SliceGPTError(f"cannot read {config_path}: {exc}") from exc
+    hf_config = read_json(folder / "config.json", missing=f"{folder} is not a Hugging Face model folder: config.json is missing")
     tensors = read_tensors(folder, dtype=dtype)
     return SourceModel(hf_config, tensors, load_tokenizer(folder), str(folder))
 

@@ -165,7 +165,7 @@ class DecoderGraph:
         new_len = g.op("Shape", [INPUT_IDS], name="/mask/new_len", start=1, end=2)
         total = g.op("Add", [past_len, new_len], name="/mask/total")
         zero, one = g.const_i64("/mask/zero", [0]), g.const_i64("/mask/one", [1])
-        sq = lambda v, n: g.op("Squeeze", [v], name=n)  # noqa: E731
+        sq = lambda v, n: g.op("Squeeze", [v], name=n)
         q_pos = g.op("Range", [sq(past_len, "/mask/p0"), sq(total, "/mask/s0"), sq(one, "/mask/o0")], name="/mask/q_range")
         k_pos = g.op("Range", [sq(zero, "/mask/z1"), sq(total, "/mask/s1"), sq(one, "/mask/o1")], name="/mask/k_range")
         q_col = g.op("Unsqueeze", [q_pos, g.const_i64("/mask/axis1", [1])], name="/mask/q_col")  # (T, 1)

@@ -280,8 +280,7 @@ class SlicedModel(nn.Module):
                 problems.append(f"missing tensor {n}")
         if problems:
             raise ModelDefinitionError(f"checkpoint does not match its config: {'; '.join(problems[:5])}")
-        named = dict(self.named_parameters())
-        for module_name, p in named.items():
+        for module_name in [n for n, _ in self.named_parameters()]:
             owner, attr = module_name.rsplit(".", 1)
             module = self.get_submodule(owner)
             setattr(module, attr, nn.Parameter(tensors[checkpoint_name(module_name)], requires_grad=False))
@@ -346,7 +345,7 @@ def causal_mask(keep: torch.Tensor, T: int, window: int | None) -> torch.Tensor:
     A query whose row would be empty (a padding position) may see itself, so that no row is
     all -inf; its output is never used.
     """
-    B, S = keep.shape
+    S = keep.shape[1]
     q_pos = torch.arange(S - T, S, device=keep.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=keep.device)[None, :]  # (1, S)
     allowed = k_pos <= q_pos

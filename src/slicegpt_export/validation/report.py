@@ -152,7 +152,7 @@ def write_plots(directory: Path, results: list[ArtifactResult], checkpoint: Path
     written = []
     if spectra:
         fig, ax = plt.subplots(figsize=(8, 5))
-        names = [k for k in spectra if k.endswith("mlp_shortcut") or k.endswith("attn_shortcut") or k == "embedding"]
+        names = [k for k in spectra if k.endswith(("mlp_shortcut", "attn_shortcut")) or k == "embedding"]
         cmap = plt.get_cmap("viridis")
         for n, name in enumerate(names):
             values = spectra[name].double()

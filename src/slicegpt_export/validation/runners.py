@@ -10,8 +10,8 @@ import torch
 from slicegpt_export.checkpoint import CONFIG_NAME, SECTION
 from slicegpt_export.converter.loading import load_source, load_tokenizer
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.perplexity import perplexity, text_windows
 from slicegpt_export.validation.loader import load_sliced
+from slicegpt_export.validation.perplexity import perplexity, text_windows
 from slicegpt_export.validation.reference import SlicedModel
 
 
