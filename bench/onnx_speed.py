@@ -3,7 +3,7 @@
     python bench/onnx_speed.py [--sparsities 0,0.25,0.5] [--out bench/results]
 
 Prefill: latency of one 1 x 512 forward (median of 5).  Decode: tokens per second over 128
-greedy steps after a 32-token prompt, batch 1 and 8.  Each speed-up of a sliced graph is
+greedy steps after a 32-token prompt, batch 1 and 8 (median of 3 runs after a warm-up run).  Each speed-up of a sliced graph is
 shown beside its bound, the dense/sliced ratio of weight multiply-accumulates per token
 (every MatMul, shortcuts and head included).  Writes onnx_speed.json and onnx_speed.md.
 """
@@ -37,8 +37,8 @@ class Session:
         self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values")]
-        kv = self.inputs[self.past_names[0]]
-        self.kv_heads, self.head_dim = kv.shape[1], kv.shape[3]
+        decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]  # the builder's KV dims are symbolic
+        self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def step(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
@@ -63,16 +63,21 @@ def prefill_seconds(s: Session, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def decode_tokens_per_second(s: Session, batch: int) -> float:
-    ids = np.random.default_rng(1).integers(0, 1000, (batch, PROMPT_LEN), dtype=np.int64)
-    mask = np.ones_like(ids)
-    logits, past = s.step(ids, mask, s.empty(batch))
-    start = time.perf_counter()
-    for _ in range(NEW_TOKENS):
-        ids = logits[:, -1:].argmax(-1).astype(np.int64)
-        mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
-        logits, past = s.step(ids, mask, past)
-    return batch * NEW_TOKENS / (time.perf_counter() - start)
+def decode_tokens_per_second(s: Session, batch: int, repeats: int = 3) -> float:
+    """Median over `repeats` runs (after one warm-up run) of NEW_TOKENS greedy steps after the prompt."""
+    rates = []
+    for run in range(repeats + 1):
+        ids = np.random.default_rng(run).integers(0, 1000, (batch, PROMPT_LEN), dtype=np.int64)
+        mask = np.ones_like(ids)
+        logits, past = s.step(ids, mask, s.empty(batch))
+        start = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            ids = logits[:, -1:].argmax(-1).astype(np.int64)
+            mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
+            logits, past = s.step(ids, mask, past)
+        if run:
+            rates.append(batch * NEW_TOKENS / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def weight_macs_per_token(checkpoint: Path) -> int:

@@ -110,5 +110,5 @@ def test_weight_only_quantization_keeps_perplexity(trained_checkpoint, tmp_path,
 def test_fp16_graph_runs_within_half_precision_tolerance(tmp_path):
     checkpoint = write_sliced_checkpoint("qwen2", 0.25, tmp_path / "checkpoint")
     export_onnx(checkpoint=checkpoint, out=tmp_path / "fp16", precision="fp16")
-    results = validate_onnx(tmp_path / "fp16", checkpoint)  # bounded by TOLERANCES["float16"] = 5e-2
+    results = validate_onnx(tmp_path / "fp16", checkpoint)  # reported by validation, bounded here for the tiny model
     assert max(r.max_abs_diff for r in results) < 5e-2

