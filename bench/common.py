@@ -13,15 +13,16 @@ WORK = REPO / "bench" / "work"  # git-ignored cache of checkpoints and exports
 logger = logging.getLogger("bench")
 
 
-def sliced_checkpoint(sparsity: float, *, rotate: bool = True) -> Path:
+def sliced_checkpoint(sparsity: float, *, rotate: bool = True, round_to: int = 8) -> Path:
     """SmolLM2-135M-Instruct sliced on the DEVELOPERS.md protocol's calibration (cached); rotate=False: fused only."""
     from slicegpt_export.converter.convert import slice_checkpoint
 
-    out = WORK / (f"smollm2-{sparsity:g}" if rotate else "smollm2-dense")
+    suffix = "" if round_to == 8 else f"-r{round_to}"
+    out = WORK / ((f"smollm2-{sparsity:g}" if rotate else "smollm2-dense") + suffix)
     if not (out / "config.json").is_file():
         slice_checkpoint(
             model=None, out=out, sparsity=sparsity, calib=str(DATA / "valid.txt"),
-            calib_samples=64, calib_seqlen=512, seed=42, device="cpu", progress=False, overwrite=True, rotate=rotate,
+            calib_samples=64, calib_seqlen=512, seed=42, device="cpu", progress=False, overwrite=True, rotate=rotate, round_to=round_to,
         )  # fmt: skip
     return out
 

@@ -37,25 +37,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsity", type=float, default=0.25)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--round-to", type=int, default=8, help="slice with this --round-to (32 keeps every row block-aligned)")
+    parser.add_argument("--skip-onnx", action="store_true")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    sliced, dense = sliced_checkpoint(args.sparsity), sliced_checkpoint(0.0, rotate=False)
+    sliced, dense = sliced_checkpoint(args.sparsity, round_to=args.round_to), sliced_checkpoint(0.0, rotate=False)
+    tag = f"{args.sparsity:g}" + ("" if args.round_to == 8 else f"-r{args.round_to}")
     windows = test_windows(load_tokenizer(sliced))
     model = load_sliced(sliced)
     rows = [{"artifact": "PyTorch reference", "perplexity": perplexity(lambda ids: model(ids).logits, windows)}]
     del model
-    for quantize in (None, "int8", "int4"):
+    for quantize in () if args.skip_onnx else (None, "int8", "int4"):
         kind = quantize or "fp32"
         paths = {}
         for name, checkpoint in (("sliced", sliced), ("dense", dense)):
-            paths[name] = WORK / f"onnx-{name}-{args.sparsity:g}-{kind}" if name == "sliced" else WORK / f"onnx-dense-{kind}"
+            paths[name] = WORK / f"onnx-{name}-{tag}-{kind}" if name == "sliced" else WORK / f"onnx-dense-{kind}"
             if not (paths[name] / "model.onnx").is_file():
                 export_onnx(checkpoint=checkpoint, out=paths[name], quantize=quantize, overwrite=True)
         ppl = perplexity(OnnxDecoder(paths["sliced"]).logits, windows)
         rows.append({"artifact": f"ONNX {kind}", "perplexity": ppl, "size_mb": size_mb(paths["sliced"]), "dense_size_mb": size_mb(paths["dense"])})
         print(json.dumps(rows[-1]), file=sys.stderr)
     for gguf_type in ("f32", "f16", "bf16", "q8_0", "q4_0"):
-        path = export_gguf(checkpoint=sliced, out=WORK / f"gguf-{args.sparsity:g}-{gguf_type}", gguf_type=gguf_type, overwrite=True)
+        path = export_gguf(checkpoint=sliced, out=WORK / f"gguf-{tag}-{gguf_type}", gguf_type=gguf_type, overwrite=True)
         dense_path = export_gguf(checkpoint=dense, out=WORK / f"gguf-dense-{gguf_type}", gguf_type=gguf_type, overwrite=True)
         ppl = perplexity(GGUFModel(path).logits, windows)
         rows.append({"artifact": f"GGUF {gguf_type}", "perplexity": ppl, "size_mb": size_mb(path), "dense_size_mb": size_mb(dense_path)})
@@ -65,10 +68,11 @@ def main() -> None:
     for r in rows:
         size = f"{r['size_mb']:.1f} | {r['dense_size_mb']:.1f}" if "size_mb" in r else "- | -"
         lines.append(f"| {r['artifact']} | {r['perplexity']:.3f} | {r['perplexity'] / reference - 1:+.3%} | {size} |")
-    table = "\n".join(lines) + f"\n\nSmolLM2-135M-Instruct sliced at {args.sparsity:g}; DEVELOPERS.md protocol (64 x 512 test tokens).\n"
+    table = "\n".join(lines) + (f"\n\nSmolLM2-135M-Instruct sliced at {args.sparsity:g} (--round-to {args.round_to}); "
+                                 "DEVELOPERS.md protocol (64 x 512 test tokens).\n")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export_quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "export_quality.md").write_text(table)
+    (args.out / f"export_quality-{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / f"export_quality-{tag}.md").write_text(table)
     print(table)
 
 

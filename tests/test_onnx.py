@@ -100,7 +100,9 @@ def test_weight_only_quantization_keeps_perplexity(trained_checkpoint, tmp_path,
     windows = evaluation_windows(byte_ids(wikitext / "test.txt"), seqlen=SEQLEN, windows=32)
     export_onnx(checkpoint=trained_checkpoint, out=tmp_path / "fp32")
     export_onnx(checkpoint=trained_checkpoint, out=tmp_path / quantize, quantize=quantize)
-    assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(tmp_path / quantize / MODEL_FILE)).graph.node)
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / quantize / MODEL_FILE)).graph.node}
+    assert nodes["layers.0.up_proj/MatMul_Q" + quantize[-1]] == "MatMulNBits"
+    assert nodes["layers.0.attn_shortcut"] == "MatMul"  # the residual projections stay fp32
     dense = perplexity(OnnxDecoder(tmp_path / "fp32").logits, windows)
     quantized = perplexity(OnnxDecoder(tmp_path / quantize).logits, windows)
     assert quantized < dense * (1 + max_increase), (dense, quantized)
