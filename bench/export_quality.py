@@ -20,17 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, sliced_checkpoint, test_windows
 
 
-def size_mb(path: Path) -> float:
-    files = [path] if path.is_file() else [p for p in path.iterdir() if p.name.startswith("model.onnx")]
-    return sum(p.stat().st_size for p in files) / 2**20
-
-
 def main() -> None:
     from slicegpt_export.converter.loading import load_tokenizer
     from slicegpt_export.exporters.gguf import export_gguf
     from slicegpt_export.exporters.onnx import export_onnx
     from slicegpt_export.validation.gguf_runner import GGUFModel
     from slicegpt_export.validation.loader import load_sliced
+    from slicegpt_export.validation.report import size_mb
     from slicegpt_export.validation.onnx_runner import OnnxDecoder
     from slicegpt_export.validation.perplexity import perplexity
 

@@ -111,3 +111,18 @@ def test_existing_output_is_not_clobbered(tiny_folder, calib_file, tmp_path):
     result = runner.invoke(app, slice_args(tiny_folder, out, calib_file))
     assert result.exit_code == 2 and "already exists" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_without_calibration_text_the_model_samples_its_own(tiny_folder, tmp_path, caplog):
+    import importlib.util
+
+    from slicegpt_export.converter.convert import slice_checkpoint
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("`datasets` is installed: the hub would be tried first")
+    with caplog.at_level("WARNING"):
+        summary = slice_checkpoint(model=str(tiny_folder), out=tmp_path / "o", sparsity=0.25, calib=None,
+                                   calib_samples=2, calib_seqlen=16, device="cpu", progress=False)  # fmt: skip
+    assert "sampled from the model itself" in caplog.text
+    assert summary.config.calibration["source"] == "sampled from the model"
+    assert summary.config.calibration["samples"] == 2 and summary.config.calibration["seqlen"] == 16

@@ -56,7 +56,7 @@ def test_report_figures_match_recomputed_ones(job):
     gguf = GGUFModel(out / "gguf" / "model-f16.gguf")
     assert report["gguf f16"]["perplexity"] == pytest.approx(perplexity(gguf.logits, windows), rel=1e-6)
     onnx_ppl = perplexity(OnnxDecoder(out / "onnx").logits, windows)
-    assert report["onnx onnx"]["perplexity"] == pytest.approx(onnx_ppl, rel=1e-6)
+    assert report["onnx"]["perplexity"] == pytest.approx(onnx_ppl, rel=1e-6)
     compare = windows[:2]
     expected = agreement(reference(compare).logits, gguf.logits(compare))
     assert report["gguf f16"]["max_abs_diff"] == pytest.approx(expected["max_abs_diff"], rel=1e-6)

@@ -129,14 +129,13 @@ class SlicedConfig:
 
 def parameter_count(tensors: dict[str, torch.Tensor]) -> int:
     """Number of stored parameters, counting a tensor shared under two names once."""
-    seen: set[int] = set()
+    seen: set[tuple[int, tuple[int, ...]]] = set()
     total = 0
     for t in tensors.values():
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if key in seen and t.device.type != "meta":
-            continue
-        seen.add(key)
-        total += t.numel()
+        key = (t.data_ptr(), tuple(t.shape))  # a tied head is the embedding under a second name
+        if key not in seen:
+            seen.add(key)
+            total += t.numel()
     return total
 
 

@@ -25,13 +25,16 @@ class CovarianceAccumulator:
 
 
 def principal_components(cov: torch.Tensor, damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending) and orthogonal Q (columns = eigenvectors) of cov + damping * mean(diag) * I.
+    """Eigenvalues of `cov` (descending) and orthogonal Q (columns = eigenvectors), decomposed with damping.
 
-    Q is the paper's Q_l: rotating a signal X by Q orders its coordinates by variance, so
-    keeping the first d columns keeps the d directions of largest variance.
+    The decomposition runs on cov + damping * mean(diag) * I for numerical stability; the shift
+    leaves the eigenvectors unchanged and is subtracted from the returned eigenvalues.  Q is
+    the paper's Q_l: rotating a signal X by Q orders its coordinates by variance, so keeping
+    the first d columns keeps the d directions of largest variance.
     """
+    shift = damping * cov.diagonal().mean()
     damped = cov.clone()
-    damped.diagonal().add_(damping * cov.diagonal().mean())
+    damped.diagonal().add_(shift)
     eigenvalues, eigenvectors = torch.linalg.eigh(damped)  # ascending
     order = torch.argsort(eigenvalues, descending=True)
-    return eigenvalues[order], eigenvectors[:, order]
+    return eigenvalues[order] - shift, eigenvectors[:, order]

@@ -69,7 +69,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     return {
         "max_abs_diff": (ref - oth).abs().max().item(),
         "mean_abs_diff": (ref - oth).abs().mean().item(),
-        "kl_divergence": kl.item(),
+        "kl_divergence": max(kl.item(), 0.0),  # float noise can make an exact match read -1e-9
         "top1_agreement": (ref.argmax(-1) == oth.argmax(-1)).float().mean().item(),
     }
 
@@ -81,7 +81,7 @@ def artifact_runners(artifacts: Artifacts) -> list[tuple[str, Path, Callable[[],
 
     runners: list[tuple[str, Path, Callable[[], LogitsFn]]] = []
     for p in artifacts.onnx:
-        runners.append((f"onnx {p.name}", p, lambda p=p: OnnxDecoder(p).logits))
+        runners.append(("onnx" if p.name == "onnx" else f"onnx ({p.name})", p, lambda p=p: OnnxDecoder(p).logits))
     for f in artifacts.gguf:
         runners.append((f"gguf {f.stem.removeprefix('model-')}", f, lambda f=f: GGUFModel(f).logits))
     return runners
@@ -132,7 +132,7 @@ def eigenvalue_spectra(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def kept_variance(spectra: dict[str, torch.Tensor], cfg: Any) -> dict[str, float]:
-    """Fraction of each signal's (damped) variance inside the kept principal directions."""
+    """Fraction of each signal's variance (second moment) inside the kept principal directions."""
     widths = {"embedding": cfg.embedding_width}
     for i, w in enumerate(cfg.layers):
         widths[f"layers.{i}.attn_shortcut"] = w.attn_out
@@ -155,10 +155,11 @@ def write_plots(directory: Path, results: list[ArtifactResult], checkpoint: Path
         names = [k for k in spectra if k.endswith(("mlp_shortcut", "attn_shortcut")) or k == "embedding"]
         cmap = plt.get_cmap("viridis")
         for n, name in enumerate(names):
-            values = spectra[name].double()
+            values = spectra[name].double().clamp(min=1e-12)
             ax.semilogy(torch.arange(1, values.numel() + 1), values / values.sum(), color=cmap(n / max(len(names) - 1, 1)), lw=0.8)
         ax.axvline(cfg.embedding_width, color="red", ls="--", label=f"kept width {cfg.embedding_width} of {cfg.hidden_size}")
         ax.set(xlabel="principal direction", ylabel="eigenvalue / trace", title="PCA spectra of the residual signals (dark: early, light: late)")
+        ax.set_ylim(bottom=1e-7)
         ax.legend()
         written.append(save_figure(fig, directory / "spectra.png"))
         kept = kept_variance(spectra, cfg)
