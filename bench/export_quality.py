@@ -35,10 +35,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--round-to", type=int, default=8, help="slice with this --round-to (32 keeps every row block-aligned)")
     parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument("--gguf-types", default="f32,f16,bf16,q8_0,q4_0")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     sliced, dense = sliced_checkpoint(args.sparsity, round_to=args.round_to), sliced_checkpoint(0.0, rotate=False)
     tag = f"{args.sparsity:g}" + ("" if args.round_to == 8 else f"-r{args.round_to}")
+    report_tag = tag + ("-gguf" if args.skip_onnx else "")
     windows = test_windows(load_tokenizer(sliced))
     model = load_sliced(sliced)
     rows = [{"artifact": "PyTorch reference", "perplexity": perplexity(lambda ids: model(ids).logits, windows)}]
@@ -53,7 +55,7 @@ def main() -> None:
         ppl = perplexity(OnnxDecoder(paths["sliced"]).logits, windows)
         rows.append({"artifact": f"ONNX {kind}", "perplexity": ppl, "size_mb": size_mb(paths["sliced"]), "dense_size_mb": size_mb(paths["dense"])})
         print(json.dumps(rows[-1]), file=sys.stderr)
-    for gguf_type in ("f32", "f16", "bf16", "q8_0", "q4_0"):
+    for gguf_type in args.gguf_types.split(","):
         path = export_gguf(checkpoint=sliced, out=WORK / f"gguf-{tag}-{gguf_type}", gguf_type=gguf_type, overwrite=True)
         dense_path = export_gguf(checkpoint=dense, out=WORK / f"gguf-dense-{gguf_type}", gguf_type=gguf_type, overwrite=True)
         ppl = perplexity(GGUFModel(path).logits, windows)
@@ -67,8 +69,8 @@ def main() -> None:
     table = "\n".join(lines) + (f"\n\nSmolLM2-135M-Instruct sliced at {args.sparsity:g} (--round-to {args.round_to}); "
                                  "DEVELOPERS.md protocol (64 x 512 test tokens).\n")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"export_quality-{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / f"export_quality-{tag}.md").write_text(table)
+    (args.out / f"export_quality-{report_tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / f"export_quality-{report_tag}.md").write_text(table)
     print(table)
 
 

@@ -78,6 +78,8 @@ def test_unaligned_rows_fall_back_to_f16(tmp_path, caplog):
     types = {t.name: t.tensor_type for t in GGUFModel(path).reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16  # rows of 48
     assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0  # rows of 96
+    assert types["blk.0.ffn_shortcut.weight"] == gguf.GGMLQuantizationType.F16  # protected: the residual path
+    assert types["output.weight"] == gguf.GGMLQuantizationType.Q8_0  # protected: the head of a 4-bit file
     validate_gguf(path, checkpoint)  # q4_0 is reported, not bounded
 
 
