@@ -21,6 +21,7 @@ from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import gguf_spec as spec
+from slicegpt_export.validation.reference import rope_frequency_divisors
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,24 @@ VALUE_TYPES = {
 }
 #: llama.cpp pre-tokenizer names, recognised from a tokenizer.json pre_tokenizer
 PRE_TOKENIZERS = {
-    json.dumps({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}): "gpt2",
+    json.dumps({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}): "gpt-2",
     json.dumps({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}): "smollm",
 }  # fmt: skip
+
+
+class SliceGPTWriter(gguf.GGUFWriter):
+    """gguf-py's writer, also writing empty typed arrays (GGUF allows them; gguf-py refuses them).
+
+    llama.cpp requires `tokenizer.ggml.merges` for every BPE vocabulary, so a byte-level tokenizer
+    without merges must still write the key, as an empty string array.
+    """
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool, sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + self._pack("I", sub_type) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 def gguf_file_name(gguf_type: str) -> str:
@@ -72,19 +87,21 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
     for k, flag in [(spec.BIAS_QKV, "qkv"), (spec.BIAS_ATTN_OUT, "attn_out"), (spec.BIAS_MLP, "mlp"), (spec.BIAS_HEAD, "head")]:
         w.add_bool(k, cfg.bias[flag])
     for k, field in [(spec.WIDTH_ATTN_IN, "attn_in"), (spec.WIDTH_ATTN_OUT, "attn_out"), (spec.WIDTH_MLP_IN, "mlp_in"), (spec.WIDTH_MLP_OUT, "mlp_out")]:
-        w.add_array(k, [int(getattr(layer, field)) for layer in cfg.layers])
+        widths = [int(getattr(layer, field)) for layer in cfg.layers]
+        w.add_key_value(k, widths, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
     if cfg.rope is not None:
         w.add_float32(spec.ROPE_FREQ_BASE, cfg.rope.theta)
         w.add_uint32(spec.ROPE_DIMENSION_COUNT, cfg.rope.dim)
         scaling = cfg.rope.scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "none"))
-        w.add_string(spec.ROPE_SCALING_TYPE, kind)
-        if kind in ("linear", "llama3"):
+        w.add_string(spec.ROPE_SCALING_TYPE, "linear" if kind == "linear" else "none")
+        if kind == "linear":
             w.add_float32(spec.ROPE_SCALING_FACTOR, float(scaling["factor"]))
         if kind == "llama3":
-            w.add_float32(spec.ROPE_SCALING_LOW_FREQ_FACTOR, float(scaling["low_freq_factor"]))
-            w.add_float32(spec.ROPE_SCALING_HIGH_FREQ_FACTOR, float(scaling["high_freq_factor"]))
-            w.add_uint32(spec.ROPE_SCALING_ORIG_CTX, int(scaling["original_max_position_embeddings"]))
+            w.add_float32(spec.ROPE_LLAMA3_FACTOR, float(scaling["factor"]))
+            w.add_float32(spec.ROPE_LLAMA3_LOW_FREQ_FACTOR, float(scaling["low_freq_factor"]))
+            w.add_float32(spec.ROPE_LLAMA3_HIGH_FREQ_FACTOR, float(scaling["high_freq_factor"]))
+            w.add_uint32(spec.ROPE_LLAMA3_ORIG_CTX, int(scaling["original_max_position_embeddings"]))
 
 
 def add_typed(w: gguf.GGUFWriter, key: str, item: dict[str, Any]) -> None:
@@ -138,6 +155,8 @@ def add_tokenizer(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig) -> No
     w.add_token_types(types)
     has_merges = bool(json.loads((checkpoint / "tokenizer.json").read_text())["model"].get("merges"))
     gguf.SpecialVocab(checkpoint, load_merges=has_merges, n_vocab=cfg.vocab_size).add_to_gguf(w, quiet=True)
+    if not has_merges:
+        w.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
 
 
 def add_general(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig, file_type: int, n_params: int) -> None:
@@ -200,11 +219,14 @@ def export_gguf(*, checkpoint: Path, out: Path, gguf_type: str = "f16", overwrit
     tensors = read_tensors(checkpoint)
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         path = tmp / gguf_file_name(gguf_type)
-        w = gguf.GGUFWriter(str(path), spec.ARCH)
+        w = SliceGPTWriter(str(path), spec.ARCH)
         add_general(w, checkpoint, cfg, file_type, parameter_count(tensors))
         add_hyperparameters(w, cfg)
         add_tokenizer(w, checkpoint, cfg)
-        for name, t in tqdm(gguf_tensors(tensors).items(), desc="quantizing tensors", unit="tensor", leave=False):
+        named = gguf_tensors(tensors)
+        if cfg.rope is not None and (cfg.rope.scaling or {}).get("rope_type") == "llama3":
+            named[spec.ROPE_FREQS] = rope_frequency_divisors(cfg.rope)
+        for name, t in tqdm(named.items(), desc="quantizing tensors", unit="tensor", leave=False):
             data, stored = tensor_data(name, t, qtype)
             w.add_tensor(name, data, raw_dtype=stored)
         w.write_header_to_file()

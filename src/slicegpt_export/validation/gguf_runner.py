@@ -19,7 +19,7 @@ import torch
 from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import gguf_spec as spec
-from slicegpt_export.validation.reference import ModelDefinitionError, SlicedModel, build_model
+from slicegpt_export.validation.reference import ModelDefinitionError, SlicedModel, build_model, rope_frequency_divisors
 
 logger = logging.getLogger(__name__)
 MIN_KV_BYTES = 8 + 8 + 4  # key length, one byte of key, value type
@@ -109,12 +109,15 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
     if meta.get(spec.POSITION_EMBEDDING, str) == "rope":
         kind = meta.get(spec.ROPE_SCALING_TYPE, str, "none")
         scaling = None
-        if kind in ("linear", "llama3"):
+        if kind not in ("none", "linear"):
+            raise GGUFFormatError(f"{meta.path}: rope scaling type {kind!r} (the spec allows none and linear)")
+        if kind == "linear":
             scaling = {"rope_type": kind, "factor": meta.get(spec.ROPE_SCALING_FACTOR, float)}
-        if kind == "llama3":
-            scaling |= {"low_freq_factor": meta.get(spec.ROPE_SCALING_LOW_FREQ_FACTOR, float),
-                        "high_freq_factor": meta.get(spec.ROPE_SCALING_HIGH_FREQ_FACTOR, float),
-                        "original_max_position_embeddings": meta.get(spec.ROPE_SCALING_ORIG_CTX, int)}  # fmt: skip
+        if meta.get(spec.ROPE_LLAMA3_FACTOR, float, None) is not None:
+            scaling = {"rope_type": "llama3", "factor": meta.get(spec.ROPE_LLAMA3_FACTOR, float),
+                       "low_freq_factor": meta.get(spec.ROPE_LLAMA3_LOW_FREQ_FACTOR, float),
+                       "high_freq_factor": meta.get(spec.ROPE_LLAMA3_HIGH_FREQ_FACTOR, float),
+                       "original_max_position_embeddings": meta.get(spec.ROPE_LLAMA3_ORIG_CTX, int)}  # fmt: skip
         rope = RopeSpec(theta=meta.get(spec.ROPE_FREQ_BASE, float), dim=meta.get(spec.ROPE_DIMENSION_COUNT, int), scaling=scaling)
     cfg = SlicedConfig(
         model_type=meta.get(spec.BASE_FAMILY, str),
@@ -168,7 +171,7 @@ def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, torch.Tensor]
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:
-            name = spec.checkpoint_name(t.name)
+            name = t.name if t.name == spec.ROPE_FREQS else spec.checkpoint_name(t.name)
         except (KeyError, ValueError, IndexError):
             raise GGUFFormatError(f"{path}: tensor {t.name!r} is not part of the slicegpt spec") from None
         try:
@@ -183,6 +186,18 @@ def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, torch.Tensor]
     return out
 
 
+def check_rope_freqs(cfg: SlicedConfig, stored: torch.Tensor | None, path: Path) -> None:
+    """`rope_freqs.weight` (llama.cpp's form of Llama 3 scaling) must be present exactly when the keys ask for it and agree."""
+    llama3 = cfg.rope is not None and (cfg.rope.scaling or {}).get("rope_type") == "llama3"
+    if stored is None and not llama3:
+        return
+    if stored is None or not llama3:
+        raise GGUFFormatError(f"{path}: {spec.ROPE_FREQS} and the rope.llama3 keys must come together")
+    expected = rope_frequency_divisors(cfg.rope)
+    if stored.shape != expected.shape or not torch.allclose(stored, expected, rtol=1e-6):
+        raise GGUFFormatError(f"{path}: {spec.ROPE_FREQS} disagrees with the rope.llama3 keys")
+
+
 class GGUFModel:
     """A `slicegpt` GGUF file as a runnable model plus its own tokenizer."""
 
@@ -192,6 +207,7 @@ class GGUFModel:
         self.meta = Metadata(self.reader, self.path)
         self.config = config_from_metadata(self.meta)
         tensors = read_tensors(self.reader, self.path)
+        check_rope_freqs(self.config, tensors.pop(spec.ROPE_FREQS, None), self.path)
         try:
             self.model: SlicedModel = build_model(self.config, tensors)
         except ModelDefinitionError as exc:
@@ -209,7 +225,7 @@ class GGUFModel:
 def _pre_tokenizer(name: str) -> Any:
     from tokenizers import pre_tokenizers
 
-    if name in ("gpt2", "default"):
+    if name in ("gpt-2", "default"):
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if name == "smollm":
         return pre_tokenizers.Sequence(

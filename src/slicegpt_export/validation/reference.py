@@ -48,9 +48,14 @@ def rms_norm(x: torch.Tensor, full_width: int, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(variance + eps)
 
 
+def unscaled_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
+    """theta^(-2i/dim) for i < dim/2, ignoring any scaling.  (dim/2,) float64."""
+    return 1.0 / (spec.theta ** (torch.arange(0, spec.dim, 2, dtype=torch.float64) / spec.dim))
+
+
 def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/dim), with Hugging Face's linear or llama3 scaling applied.  Returns (dim/2,) float64."""
-    inv_freq = 1.0 / (spec.theta ** (torch.arange(0, spec.dim, 2, dtype=torch.float64) / spec.dim))
+    inv_freq = unscaled_inverse_frequencies(spec)
     scaling = spec.scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -69,6 +74,11 @@ def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
     raise ModelDefinitionError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_frequency_divisors(spec: RopeSpec) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` form of a scaling: theta^(-2i/dim) / divisors = the scaled inv_freq.  (dim/2,) float32."""
+    return (unscaled_inverse_frequencies(spec) / rope_inverse_frequencies(spec)).float()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,304 @@
+// SliceGPT (Ashkboos et al., ICLR 2024): a decoder whose residual stream changes width from
+// block to block and carries a projection ("shortcut") matrix around every residual update.
+// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 1).
+#include "models.h"
+
+#include <cmath>
+
+static constexpr uint32_t SLICEGPT_SPEC_VERSION = 1;
+
+// the slicegpt.* keys are read straight from the GGUF metadata, each checked for its type
+static int64_t slicegpt_find_key(const llama_model_loader & ml, const char * name, gguf_type type) {
+    const std::string key = std::string("slicegpt.") + name;
+    const int64_t id = gguf_find_key(ml.metadata, key.c_str());
+    if (id < 0) {
+        throw std::runtime_error(format("slicegpt: key not found in model: %s", key.c_str()));
+    }
+    if (gguf_get_kv_type(ml.metadata, id) != type) {
+        throw std::runtime_error(format("slicegpt: key %s has type %s, expected %s", key.c_str(),
+                                        gguf_type_name(gguf_get_kv_type(ml.metadata, id)), gguf_type_name(type)));
+    }
+    return id;
+}
+
+static uint32_t slicegpt_get_u32(const llama_model_loader & ml, const char * name) {
+    return gguf_get_val_u32(ml.metadata, slicegpt_find_key(ml, name, GGUF_TYPE_UINT32));
+}
+
+static bool slicegpt_get_bool(const llama_model_loader & ml, const char * name) {
+    return gguf_get_val_bool(ml.metadata, slicegpt_find_key(ml, name, GGUF_TYPE_BOOL));
+}
+
+static std::string slicegpt_get_str(const llama_model_loader & ml, const char * name) {
+    return gguf_get_val_str(ml.metadata, slicegpt_find_key(ml, name, GGUF_TYPE_STRING));
+}
+
+static void slicegpt_get_widths(const llama_model_loader & ml, const char * name, std::array<uint32_t, LLAMA_MAX_LAYERS> & widths, uint32_t n_layer) {
+    const int64_t id = slicegpt_find_key(ml, name, GGUF_TYPE_ARRAY);
+    if (gguf_get_arr_type(ml.metadata, id) != GGUF_TYPE_UINT32 || gguf_get_arr_n(ml.metadata, id) != n_layer) {
+        throw std::runtime_error(format("slicegpt: slicegpt.%s must be an array of %u uint32", name, n_layer));
+    }
+    const auto * values = static_cast<const uint32_t *>(gguf_get_arr_data(ml.metadata, id));
+    std::copy(values, values + n_layer, widths.begin());
+}
+
+static llama_model_slicegpt::activation slicegpt_activation_from_string(const std::string & name) {
+    if (name == "silu")      { return llama_model_slicegpt::ACT_SILU; }
+    if (name == "gelu")      { return llama_model_slicegpt::ACT_GELU_ERF; }
+    if (name == "gelu_tanh") { return llama_model_slicegpt::ACT_GELU_TANH; }
+    if (name == "relu")      { return llama_model_slicegpt::ACT_RELU; }
+    throw std::runtime_error(format("slicegpt: unsupported activation '%s'", name.c_str()));
+}
+
+void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
+    const uint32_t version = slicegpt_get_u32(ml, "spec_version");
+    if (version != SLICEGPT_SPEC_VERSION) {
+        throw std::runtime_error(format("slicegpt: spec version %u is not supported (this build reads version %u)", version, SLICEGPT_SPEC_VERSION));
+    }
+    ml.get_key(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS, hparams.f_norm_rms_eps);
+
+    uint32_t n_swa = 0;
+    if (ml.get_key(LLM_KV_ATTENTION_SLIDING_WINDOW, n_swa, false) && n_swa < hparams.n_ctx_train) {
+        throw std::runtime_error("slicegpt: sliding-window attention is not supported by this integration");
+    }
+
+    const uint32_t n_layer = hparams.n_layer();
+    slicegpt_get_widths(ml, "width.attn_in",  width_attn_in,  n_layer);
+    slicegpt_get_widths(ml, "width.attn_out", width_attn_out, n_layer);
+    slicegpt_get_widths(ml, "width.mlp_in",   width_mlp_in,   n_layer);
+    slicegpt_get_widths(ml, "width.mlp_out",  width_mlp_out,  n_layer);
+
+    const std::string block_kind = slicegpt_get_str(ml, "block_kind");
+    if (block_kind != "sequential" && block_kind != "parallel") {
+        throw std::runtime_error(format("slicegpt: unsupported block kind '%s'", block_kind.c_str()));
+    }
+    parallel_blocks = block_kind == "parallel";
+
+    const std::string position_embedding = slicegpt_get_str(ml, "position_embedding");
+    if (position_embedding != "rope" && position_embedding != "learned") {
+        throw std::runtime_error(format("slicegpt: unsupported position embedding '%s'", position_embedding.c_str()));
+    }
+    learned_positions = position_embedding == "learned";
+    position_offset   = slicegpt_get_u32(ml, "position_offset");
+
+    act        = slicegpt_activation_from_string(slicegpt_get_str(ml, "activation"));
+    gated_mlp  = slicegpt_get_bool(ml, "gated_mlp");
+    bias_qkv   = slicegpt_get_bool(ml, "bias.qkv");
+    bias_attn  = slicegpt_get_bool(ml, "bias.attn_out");
+    bias_mlp   = slicegpt_get_bool(ml, "bias.mlp");
+    bias_head  = slicegpt_get_bool(ml, "bias.head");
+
+    // the residual stream is narrower than D: llama.cpp's n_embd is the embedding width (what
+    // the input path reads), n_embd_out the head's input width, and D is kept for the norms
+    n_embd_orig            = hparams.n_embd;
+    hparams.n_embd         = slicegpt_get_u32(ml, "width.embedding");
+    hparams.n_embd_out_impl = slicegpt_get_u32(ml, "width.head_in");
+
+    if (width_attn_in[0] != hparams.n_embd || width_mlp_out[n_layer - 1] != hparams.n_embd_out_impl) {
+        throw std::runtime_error("slicegpt: per-layer widths do not chain from the embedding to the head");
+    }
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        // sequential: the MLP reads what attention wrote; parallel: both read and write the same stream
+        const bool inner = parallel_blocks
+            ? width_mlp_in[il] == width_attn_in[il] && width_mlp_out[il] == width_attn_out[il]
+            : width_mlp_in[il] == width_attn_out[il];
+        const bool chained = il + 1 == n_layer || width_attn_in[il + 1] == width_mlp_out[il];
+        if (!inner || !chained || width_attn_in[il] > n_embd_orig || width_mlp_out[il] > n_embd_orig) {
+            throw std::runtime_error(format("slicegpt: inconsistent widths at block %u", il));
+        }
+    }
+    type = LLM_TYPE_UNKNOWN;
+}
+
+void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
+    LLAMA_LOAD_LOCALS;
+
+    const int64_t n_embd_q = n_embd_head_k * n_head;
+
+    tok_embd = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, 0);
+    if (learned_positions) {
+        pos_embd = create_tensor(tn(LLM_TENSOR_POS_EMBD, "weight"), {n_embd, (int64_t) hparams.n_ctx_train + position_offset}, 0);
+    }
+
+    const int64_t n_embd_head_in = hparams.n_embd_out_impl;
+    output   = create_tensor(tn(LLM_TENSOR_OUTPUT, "weight"), {n_embd_head_in, n_vocab}, 0);
+    output_b = create_tensor(tn(LLM_TENSOR_OUTPUT, "bias"),   {n_vocab}, bias_head ? 0 : TENSOR_NOT_REQUIRED);
+
+    const int bias_qkv_flags  = bias_qkv  ? 0 : TENSOR_NOT_REQUIRED;
+    const int bias_attn_flags = bias_attn ? 0 : TENSOR_NOT_REQUIRED;
+    const int bias_mlp_flags  = bias_mlp  ? 0 : TENSOR_NOT_REQUIRED;
+
+    for (int i = 0; i < n_layer; ++i) {
+        auto & layer = layers[i];
+        const int64_t a_in = width_attn_in[i], a_out = width_attn_out[i];
+        const int64_t m_in = width_mlp_in[i],  m_out = width_mlp_out[i];
+
+        layer.wq   = create_tensor(tn(LLM_TENSOR_ATTN_Q,   "weight", i), {a_in, n_embd_q},     0);
+        layer.wk   = create_tensor(tn(LLM_TENSOR_ATTN_K,   "weight", i), {a_in, n_embd_k_gqa}, 0);
+        layer.wv   = create_tensor(tn(LLM_TENSOR_ATTN_V,   "weight", i), {a_in, n_embd_v_gqa}, 0);
+        layer.wq_b = create_tensor(tn(LLM_TENSOR_ATTN_Q,   "bias",   i), {n_embd_q},     bias_qkv_flags);
+        layer.wk_b = create_tensor(tn(LLM_TENSOR_ATTN_K,   "bias",   i), {n_embd_k_gqa}, bias_qkv_flags);
+        layer.wv_b = create_tensor(tn(LLM_TENSOR_ATTN_V,   "bias",   i), {n_embd_v_gqa}, bias_qkv_flags);
+        layer.wo   = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "weight", i), {n_embd_q, a_out}, 0);
+        layer.wo_b = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "bias",   i), {a_out}, bias_attn_flags);
+
+        // an absent shortcut is the identity, which only a block that keeps its width can have
+        attn_shortcut[i] = create_tensor(tn(LLM_TENSOR_ATTN_SHORTCUT, "weight", i), {a_in, a_out}, a_in == a_out ? TENSOR_NOT_REQUIRED : 0);
+        if (!parallel_blocks) {
+            ffn_shortcut[i] = create_tensor(tn(LLM_TENSOR_FFN_SHORTCUT, "weight", i), {m_in, m_out}, m_in == m_out ? TENSOR_NOT_REQUIRED : 0);
+        }
+
+        if (gated_mlp) {
+            layer.ffn_gate = create_tensor(tn(LLM_TENSOR_FFN_GATE, "weight", i), {m_in, n_ff}, 0);
+        }
+        layer.ffn_up     = create_tensor(tn(LLM_TENSOR_FFN_UP,   "weight", i), {m_in, n_ff},  0);
+        layer.ffn_up_b   = create_tensor(tn(LLM_TENSOR_FFN_UP,   "bias",   i), {n_ff},        bias_mlp_flags);
+        layer.ffn_down   = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "weight", i), {n_ff, m_out}, 0);
+        layer.ffn_down_b = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "bias",   i), {m_out},       bias_mlp_flags);
+
+        if (!learned_positions) {
+            // Llama 3 rope scaling: per-frequency divisors, as llama.cpp's own Llama files store them
+            layer.rope_freqs = create_tensor(tn(LLM_TENSOR_ROPE_FREQS, "weight", i), {n_rot / 2}, TENSOR_NOT_REQUIRED | (i != 0 ? TENSOR_DUPLICATED : 0));
+        }
+    }
+}
+
+std::unique_ptr<llm_graph_context> llama_model_slicegpt::build_arch_graph(const llm_graph_params & params) const {
+    return std::make_unique<graph>(*this, params);
+}
+
+// SliceGPT's RMSNorm over the original width D whatever the width d of x:
+//   x / sqrt(sum(x^2) / D + eps) = sqrt(D/d) * rms_norm_d(x) with epsilon eps * D / d
+ggml_tensor * llama_model_slicegpt::graph::build_norm_orig(ggml_tensor * x, int il) const {
+    const float ratio = float(model.n_embd_orig) / float(x->ne[0]);
+    ggml_tensor * cur = ggml_rms_norm(ctx0, x, hparams.f_norm_rms_eps * ratio);
+    if (x->ne[0] != (int64_t) model.n_embd_orig) {
+        cur = ggml_scale(ctx0, cur, sqrtf(ratio));
+    }
+    cb(cur, "norm", il);
+    return cur;
+}
+
+// the residual path Q_l^T Q_{l+1} (sliced): [d_in, n_tokens] -> [d_out, n_tokens]; identity when absent
+ggml_tensor * llama_model_slicegpt::graph::build_shortcut(ggml_tensor * shortcut, ggml_tensor * x, int il) const {
+    if (shortcut == nullptr) {
+        return x;
+    }
+    ggml_tensor * cur = build_lora_mm(shortcut, x);
+    cb(cur, "shortcut", il);
+    return cur;
+}
+
+ggml_tensor * llama_model_slicegpt::graph::build_self_attn(ggml_tensor * h, ggml_tensor * inp_pos, llm_graph_input_attn_kv * inp_attn, int il) const {
+    const auto & layer = model.layers[il];
+    const int64_t n_embd_head = hparams.n_embd_head_v();
+
+    auto [Qcur, Kcur, Vcur] = build_qkv(layer, h, n_embd_head, n_head, n_head_kv, il);  // [hd, H|K, n_tokens]
+    if (!model.learned_positions) {
+        Qcur = ggml_rope_ext(ctx0, Qcur, inp_pos, layer.rope_freqs, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+                             ext_factor, attn_factor, beta_fast, beta_slow);
+        Kcur = ggml_rope_ext(ctx0, Kcur, inp_pos, layer.rope_freqs, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+                             ext_factor, attn_factor, beta_fast, beta_slow);
+    }
+    cb(Qcur, "Qcur", il);
+    cb(Kcur, "Kcur", il);
+    cb(Vcur, "Vcur", il);
+
+    ggml_tensor * cur = build_attn(inp_attn, layer.wo, layer.wo_b, nullptr, Qcur, Kcur, Vcur, nullptr, nullptr, nullptr,
+                                   1.0f / sqrtf(float(n_embd_head)), il);  // [a_out, n_tokens]
+    cb(cur, "attn_out", il);
+    return cur;
+}
+
+ggml_tensor * llama_model_slicegpt::graph::build_activation(ggml_tensor * x) const {
+    switch (model.act) {
+        case ACT_SILU:      return ggml_silu(ctx0, x);
+        case ACT_GELU_ERF:  return ggml_gelu_erf(ctx0, x);
+        case ACT_GELU_TANH: {
+            // 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi), computed in f32: ggml_gelu reads
+            // a 16-bit table, whose rounding alone moves a small Phi's logits by ~1e-3
+            const float c = 0.7978845608028654f;
+            ggml_tensor * inner = ggml_mul(ctx0, x, ggml_scale_bias(ctx0, ggml_sqr(ctx0, x), 0.044715f * c, c));
+            return ggml_mul(ctx0, x, ggml_scale_bias(ctx0, ggml_tanh(ctx0, inner), 0.5f, 0.5f));
+        }
+        case ACT_RELU:      return ggml_relu(ctx0, x);
+    }
+    GGML_ABORT("slicegpt: unknown activation");
+}
+
+// gated: W_down act(W_gate h) * (W_up h + b_up) + b_down; otherwise W_down act(W_up h + b_up) + b_down
+ggml_tensor * llama_model_slicegpt::graph::build_mlp(ggml_tensor * h, int il) const {
+    const auto & layer = model.layers[il];
+
+    ggml_tensor * up = build_lora_mm(layer.ffn_up, h);  // [n_ff, n_tokens]
+    if (layer.ffn_up_b) {
+        up = ggml_add(ctx0, up, layer.ffn_up_b);
+    }
+    ggml_tensor * cur = model.gated_mlp
+        ? ggml_mul(ctx0, build_activation(build_lora_mm(layer.ffn_gate, h)), up)
+        : build_activation(up);
+    cb(cur, "ffn_act", il);
+
+    cur = build_lora_mm(layer.ffn_down, cur);  // [m_out, n_tokens]
+    if (layer.ffn_down_b) {
+        cur = ggml_add(ctx0, cur, layer.ffn_down_b);
+    }
+    cb(cur, "ffn_out", il);
+    return cur;
+}
+
+llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph_params & params) :
+        llm_graph_context(params), model(static_cast<const llama_model_slicegpt &>(model_in)) {
+    ggml_tensor * inpL = build_inp_embd(model.tok_embd);  // [d_emb, n_tokens]
+    ggml_tensor * inp_pos = build_inp_pos();
+
+    if (model.learned_positions) {
+        // row = position + offset (OPT: 2)
+        ggml_tensor * pos_rows = ggml_view_2d(ctx0, model.pos_embd, model.pos_embd->ne[0], model.pos_embd->ne[1] - model.position_offset,
+                                              model.pos_embd->nb[1], model.position_offset * model.pos_embd->nb[1]);
+        inpL = ggml_add(ctx0, inpL, ggml_get_rows(ctx0, pos_rows, inp_pos));
+        cb(inpL, "inp_embd_pos", -1);
+    }
+
+    auto * inp_attn = build_attn_inp_kv();
+    ggml_tensor * inp_out_ids = build_inp_out_ids();
+
+    for (int il = 0; il < n_layer; ++il) {
+        ggml_tensor * residual = inpL;                        // [a_in, n_tokens]
+        ggml_tensor * h = build_norm_orig(inpL, il);
+        ggml_tensor * cur = build_self_attn(h, inp_pos, inp_attn, il);  // [a_out, n_tokens]
+
+        if (il == n_layer - 1 && inp_out_ids) {
+            cur      = ggml_get_rows(ctx0, cur,      inp_out_ids);
+            residual = ggml_get_rows(ctx0, residual, inp_out_ids);
+            h        = ggml_get_rows(ctx0, h,        inp_out_ids);
+        }
+
+        if (model.parallel_blocks) {
+            // x = S_attn x + attn(h) + mlp(h)
+            cur = ggml_add(ctx0, cur, build_mlp(h, il));
+            cur = ggml_add(ctx0, cur, build_shortcut(model.attn_shortcut[il], residual, il));
+        } else {
+            // x = S_attn x + attn(norm(x));  x = S_ffn x + mlp(norm(x))
+            ggml_tensor * ffn_inp = ggml_add(ctx0, cur, build_shortcut(model.attn_shortcut[il], residual, il));  // [m_in, n_tokens]
+            cb(ffn_inp, "ffn_inp", il);
+            cur = build_mlp(build_norm_orig(ffn_inp, il), il);
+            cur = ggml_add(ctx0, cur, build_shortcut(model.ffn_shortcut[il], ffn_inp, il));  // [m_out, n_tokens]
+        }
+        cb(cur, "l_out", il);
+        inpL = cur;
+    }
+
+    ggml_tensor * cur = build_norm_orig(inpL, -1);  // [d_head, n_tokens]
+    cb(cur, "result_norm", -1);
+    res->t_embd = cur;
+
+    cur = build_lora_mm(model.output, cur);  // [n_vocab, n_tokens]
+    if (model.output_b) {
+        cur = ggml_add(ctx0, cur, model.output_b);
+    }
+    cb(cur, "result_output", -1);
+    res->t_logits = cur;
+
+    ggml_build_forward_expand(gf, cur);
+}
