@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -21,3 +22,17 @@ def wikitext() -> Path:
     if not (WIKITEXT / "valid.txt").is_file():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
     return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python built with integrations/llama.cpp; skips without it unless SLICEGPT_REQUIRE_LLAMA_CPP=1."""
+    from slicegpt_export.errors import SliceGPTError
+    from slicegpt_export.validation.llama_cpp_runner import import_llama_cpp
+
+    try:
+        return import_llama_cpp()
+    except SliceGPTError as exc:
+        if os.environ.get("SLICEGPT_REQUIRE_LLAMA_CPP") == "1":
+            raise
+        pytest.skip(str(exc))

@@ -5,7 +5,6 @@ Skipped when the bindings are not built, unless SLICEGPT_REQUIRE_LLAMA_CPP=1 (se
 
 from __future__ import annotations
 
-import os
 import struct
 
 import gguf
@@ -16,16 +15,11 @@ from tiny import VOCAB, write_sliced_checkpoint
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import gguf_spec as spec
 from slicegpt_export.exporters.gguf import export_gguf
-from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel, import_llama_cpp
+from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
 from slicegpt_export.validation.loader import load_sliced
 from slicegpt_export.validation.reference import generate
 
-try:
-    import_llama_cpp()
-except SliceGPTError as exc:
-    if os.environ.get("SLICEGPT_REQUIRE_LLAMA_CPP") == "1":
-        raise
-    pytest.skip(str(exc), allow_module_level=True)
+pytestmark = pytest.mark.usefixtures("llama_cpp")
 
 LOGIT_BOUND = 1e-3  # f32 file and f32 KV cache against the PyTorch reference (measured ~3e-6)
 CASES = [(family, sparsity) for family in ("llama", "llama-tied", "qwen2", "opt", "phi") for sparsity in (0.0, 0.25)]

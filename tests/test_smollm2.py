@@ -94,3 +94,13 @@ def test_gguf_f32_runner_perplexity_and_vocabulary(quarter, test_windows, tmp_pa
     for _, i, j, _, _ in differences:
         assert any(ch.isnumeric() and not ch.isascii() for ch in tokenizer.decode(ours[i:j]))
     assert perplexity(model.logits, test_windows) == pytest.approx(reference_ppl, rel=ARTIFACT_TOLERANCE)
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+def test_llama_cpp_perplexity_matches_the_reference(llama_cpp, quarter, test_windows, tmp_path, gguf_type):
+    from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
+
+    checkpoint, reference = quarter
+    model = LlamaCppModel(export_gguf(checkpoint=checkpoint, out=tmp_path / gguf_type, gguf_type=gguf_type), n_ctx=512)
+    ppl = perplexity(model.logits, test_windows, batch_size=1)
+    assert abs(ppl / reference - 1) <= 0.005, (ppl, reference)
