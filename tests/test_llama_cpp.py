@@ -22,7 +22,8 @@ from slicegpt_export.validation.reference import generate
 pytestmark = pytest.mark.usefixtures("llama_cpp")
 
 LOGIT_BOUND = 1e-3  # f32 file and f32 KV cache against the PyTorch reference (measured ~3e-6)
-CASES = [(family, sparsity) for family in ("llama", "llama-tied", "qwen2", "opt", "phi") for sparsity in (0.0, 0.25)]
+FAMILIES = ("llama", "llama-tied", "llama-rope-llama3", "qwen2", "opt", "phi")
+CASES = [(family, sparsity) for family in FAMILIES for sparsity in (0.0, 0.25)]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
@@ -84,3 +85,12 @@ def test_unsupported_or_broken_files_are_refused_not_crashed(tmp_path):
     for bad in (future, truncated, mistral):  # mistral: sliding-window attention is not implemented there
         with pytest.raises(SliceGPTError, match="llama.cpp could not load"):
             LlamaCppModel(bad, n_ctx=64)
+
+
+def test_file_only_runner_reads_llama3_rope_scaling(tmp_path):
+    from slicegpt_export.validation.gguf_runner import GGUFModel
+
+    checkpoint = write_sliced_checkpoint("llama-rope-llama3", 0.25, tmp_path / "checkpoint")
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32")
+    ids = torch.tensor([prompt(48)])  # past the 16 original positions, where the scaling matters
+    assert (GGUFModel(path).logits(ids) - load_sliced(checkpoint)(ids).logits).abs().max().item() <= 1e-4

@@ -18,6 +18,12 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "opt": ("OPTConfig", dict(ffn_dim=96, dropout=0.0)),
     "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),
 }
+#: further variants some tests use on top of the family list
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-rope-llama3": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+}  # fmt: skip
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -33,7 +39,7 @@ def tiny_hf_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 
     """A random HF causal LM whose norms have random (non-unit) scales and biases, so fusion has work to do."""
     import transformers
 
-    cls_name, extra = TINY_CONFIGS[name]
+    cls_name, extra = (TINY_CONFIGS | VARIANTS)[name]
     config = getattr(transformers, cls_name)(**COMMON, **extra)
     if cls_name == "OPTConfig":  # OPT names its MLP width ffn_dim and has no intermediate_size
         config.word_embed_proj_dim = config.hidden_size
