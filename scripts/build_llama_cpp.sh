@@ -8,7 +8,7 @@
 # a small registration patch) to its vendored llama.cpp, and builds a wheel versioned
 # `<version>+slicegpt.<hash of the integration>`. Idempotent: an installed build of the same
 # integration is kept, and built wheels are cached in $SLICEGPT_CACHE (default
-# ~/.cache/slicegpt-export), so a rebuild happens only when the integration changes (about 9 minutes
+# ~/.cache/slicegpt-export), so a rebuild happens only when the integration changes (about 3 minutes
 # on 2 cores). Fails loudly when the patch no longer applies.
 set -euo pipefail
 
@@ -50,7 +50,7 @@ if [ -z "$wheel" ]; then
     sed -i "s/^__version__ = \"$LLAMA_CPP_PYTHON_VERSION\"$/__version__ = \"$VERSION\"/" "$src/llama_cpp/__init__.py"
     grep -q "__version__ = \"$VERSION\"" "$src/llama_cpp/__init__.py" || die "could not stamp the version into llama_cpp/__init__.py"
 
-    echo "build_llama_cpp: building the wheel (about 9 minutes on 2 cores)"
+    echo "build_llama_cpp: building the wheel (about 3 minutes on 2 cores)"
     # the multimodal library is not needed; the library is built for this machine's CPU
     CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
         "$PY" -m pip wheel --quiet --no-deps --wheel-dir "$work/wheel" "$src" || die "building llama-cpp-python failed"

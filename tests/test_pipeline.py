@@ -64,6 +64,20 @@ def test_report_figures_match_recomputed_ones(job):
     assert "dense source" in report  # the tiny source folder is at hand
 
 
+def test_report_runs_the_gguf_file_in_llama_cpp(job, llama_cpp):
+    from slicegpt_export.converter.loading import load_tokenizer
+    from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
+
+    root, _, _ = job
+    out = root / "out"
+    report = {a["name"]: a for a in json.loads((out / "report.json").read_text())["artifacts"]}
+    windows = text_windows(root / "eval.txt", load_tokenizer(out / "checkpoint"), seqlen=256, windows=64)
+    ppl = perplexity(LlamaCppModel(out / "gguf" / "model-f16.gguf", n_ctx=256).logits, windows)
+    assert report["llama.cpp f16"]["perplexity"] == pytest.approx(ppl, rel=1e-6)
+    # the same f16 file as the file-only runner; llama.cpp also rounds activations to f16 in its products
+    assert ppl == pytest.approx(report["gguf f16"]["perplexity"], rel=1e-2)
+
+
 def test_rerun_reuses_finished_stages(job):
     _, args, _ = job
     result = runner.invoke(app, args)

@@ -37,6 +37,16 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def llama_cpp_available() -> bool:
+    """Whether llama.cpp with the slicegpt architecture can run GGUF files here (the reason is logged when not)."""
+    try:
+        import_llama_cpp()
+    except SliceGPTError as exc:
+        logger.info("GGUF files are not run in llama.cpp: %s", exc)
+        return False
+    return True
+
+
 class LlamaCppModel:
     """One llama.cpp context over a GGUF file: full-sequence logits and greedy generation."""
 

@@ -74,9 +74,10 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     }
 
 
-def artifact_runners(artifacts: Artifacts) -> list[tuple[str, Path, Callable[[], LogitsFn]]]:
-    """(name, path, factory of a logits function) for every exported artifact."""
+def artifact_runners(artifacts: Artifacts, *, n_ctx: int) -> list[tuple[str, Path, Callable[[], LogitsFn]]]:
+    """(name, path, factory of a logits function) for every exported artifact; GGUF files also in llama.cpp when built."""
     from slicegpt_export.validation.gguf_runner import GGUFModel
+    from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel, llama_cpp_available
     from slicegpt_export.validation.onnx_runner import OnnxDecoder
 
     runners: list[tuple[str, Path, Callable[[], LogitsFn]]] = []
@@ -84,6 +85,9 @@ def artifact_runners(artifacts: Artifacts) -> list[tuple[str, Path, Callable[[],
         runners.append(("onnx" if p.name == "onnx" else f"onnx ({p.name})", p, lambda p=p: OnnxDecoder(p).logits))
     for f in artifacts.gguf:
         runners.append((f"gguf {f.stem.removeprefix('model-')}", f, lambda f=f: GGUFModel(f).logits))
+    if artifacts.gguf and llama_cpp_available():
+        for f in artifacts.gguf:
+            runners.append((f"llama.cpp {f.stem.removeprefix('model-')}", f, lambda f=f: LlamaCppModel(f, n_ctx=n_ctx).logits))
     return runners
 
 
@@ -114,7 +118,7 @@ def validate_directory(
         return result
 
     results = [evaluate("reference", artifacts.checkpoint, lambda x: reference(x).logits, False)]
-    for name, path, factory in artifact_runners(artifacts):
+    for name, path, factory in artifact_runners(artifacts, n_ctx=max(seqlen, ids.shape[1])):
         results.append(evaluate(name, path, factory(), True))
     source = cfg.source_model
     if dense and text is not None and source and Path(source).exists():

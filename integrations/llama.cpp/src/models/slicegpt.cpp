@@ -57,9 +57,12 @@ void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
     }
     ml.get_key(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS, hparams.f_norm_rms_eps);
 
-    uint32_t n_swa = 0;
-    if (ml.get_key(LLM_KV_ATTENTION_SLIDING_WINDOW, n_swa, false) && n_swa < hparams.n_ctx_train) {
-        throw std::runtime_error("slicegpt: sliding-window attention is not supported by this integration");
+    // Mistral's sliding window: every layer attends to the last n_swa positions (key within n_swa of the query)
+    if (ml.get_key(LLM_KV_ATTENTION_SLIDING_WINDOW, hparams.n_swa, false) && hparams.n_swa < hparams.n_ctx_train) {
+        hparams.swa_type = LLAMA_SWA_TYPE_STANDARD;
+        hparams.set_swa_pattern(0);
+    } else {
+        hparams.n_swa = 0;
     }
 
     const uint32_t n_layer = hparams.n_layer();
@@ -189,7 +192,8 @@ ggml_tensor * llama_model_slicegpt::graph::build_shortcut(ggml_tensor * shortcut
     return cur;
 }
 
-ggml_tensor * llama_model_slicegpt::graph::build_self_attn(ggml_tensor * h, ggml_tensor * inp_pos, llm_graph_input_attn_kv * inp_attn, int il) const {
+template <typename inp_attn_t>
+ggml_tensor * llama_model_slicegpt::graph::build_self_attn(ggml_tensor * h, ggml_tensor * inp_pos, inp_attn_t * inp_attn, int il) const {
     const auto & layer = model.layers[il];
     const int64_t n_embd_head = hparams.n_embd_head_v();
 
@@ -247,20 +251,8 @@ ggml_tensor * llama_model_slicegpt::graph::build_mlp(ggml_tensor * h, int il) co
     return cur;
 }
 
-llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph_params & params) :
-        llm_graph_context(params), model(static_cast<const llama_model_slicegpt &>(model_in)) {
-    ggml_tensor * inpL = build_inp_embd(model.tok_embd);  // [d_emb, n_tokens]
-    ggml_tensor * inp_pos = build_inp_pos();
-
-    if (model.learned_positions) {
-        // row = position + offset (OPT: 2)
-        ggml_tensor * pos_rows = ggml_view_2d(ctx0, model.pos_embd, model.pos_embd->ne[0], model.pos_embd->ne[1] - model.position_offset,
-                                              model.pos_embd->nb[1], model.position_offset * model.pos_embd->nb[1]);
-        inpL = ggml_add(ctx0, inpL, ggml_get_rows(ctx0, pos_rows, inp_pos));
-        cb(inpL, "inp_embd_pos", -1);
-    }
-
-    auto * inp_attn = build_attn_inp_kv();
+template <typename inp_attn_t>
+ggml_tensor * llama_model_slicegpt::graph::build_blocks(ggml_tensor * inpL, ggml_tensor * inp_pos, inp_attn_t * inp_attn) const {
     ggml_tensor * inp_out_ids = build_inp_out_ids();
 
     for (int il = 0; il < n_layer; ++il) {
@@ -288,6 +280,25 @@ llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph
         cb(cur, "l_out", il);
         inpL = cur;
     }
+    return inpL;
+}
+
+llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph_params & params) :
+        llm_graph_context(params), model(static_cast<const llama_model_slicegpt &>(model_in)) {
+    ggml_tensor * inpL = build_inp_embd(model.tok_embd);  // [d_emb, n_tokens]
+    ggml_tensor * inp_pos = build_inp_pos();
+
+    if (model.learned_positions) {
+        // row = position + offset (OPT: 2)
+        ggml_tensor * pos_rows = ggml_view_2d(ctx0, model.pos_embd, model.pos_embd->ne[0], model.pos_embd->ne[1] - model.position_offset,
+                                              model.pos_embd->nb[1], model.position_offset * model.pos_embd->nb[1]);
+        inpL = ggml_add(ctx0, inpL, ggml_get_rows(ctx0, pos_rows, inp_pos));
+        cb(inpL, "inp_embd_pos", -1);
+    }
+
+    inpL = hparams.swa_type == LLAMA_SWA_TYPE_NONE
+        ? build_blocks(inpL, inp_pos, build_attn_inp_kv())
+        : build_blocks(inpL, inp_pos, build_attn_inp_kv_iswa());
 
     ggml_tensor * cur = build_norm_orig(inpL, -1);  // [d_head, n_tokens]
     cb(cur, "result_norm", -1);
