@@ -2,11 +2,11 @@
 
     scripts/build_llama_cpp.sh && python bench/gguf_in_llama_cpp.py [--sparsity 0.25] [--out bench/results]
 
-Perplexity on the DEVELOPERS.md protocol (same token windows as the reference) for the f32 and q8_0
-files; decode tokens/s (batch 1, 2 threads, 128 greedy tokens after a 128-token prompt, best of 3)
-of the sliced q8_0 file beside the dense SmolLM2 as a stock `llama` q8_0 file (requantized by
-llama.cpp from the embedded Q4_1 GGUF) and beside our dense export (fused, sparsity 0, no rotation)
-in the same build.  The bound is the dense/sliced ratio of weight multiply-accumulates per token.
+Perplexity on the DEVELOPERS.md protocol (same token windows as the reference) for the f32 and
+q8_0 files, q8_0 also with `--gguf-shortcut-type q8_0`; decode tokens/s (batch 1, 2 threads, 128
+greedy tokens after a 128-token prompt, best of 3) of the sliced q8_0 files beside the dense
+SmolLM2 as a stock `llama` q8_0 file (requantized by llama.cpp from the embedded Q4_1 GGUF) and
+beside our dense export (fused, sparsity 0, no rotation) in the same build.  The bound is the dense/sliced ratio of weight multiply-accumulates per token.
 Writes llama_cpp-<sparsity>[-r<round-to>].json and .md.
 """
 
@@ -87,11 +87,12 @@ def main() -> None:
 
     result: dict = {"sparsity": args.sparsity, "round_to": args.round_to, "reference_perplexity": ref_ppl, "perplexity": {}}
     files = {}
-    for gguf_type in ("f32", "q8_0"):
-        files[gguf_type] = export_gguf(checkpoint=checkpoint, out=WORK / f"llama-cpp-{tag}-{gguf_type}",
-                                       gguf_type=gguf_type, overwrite=True)  # fmt: skip
-        model = LlamaCppModel(files[gguf_type], n_ctx=512, n_threads=THREADS)
-        result["perplexity"][gguf_type] = perplexity(model.logits, windows, batch_size=1, progress=True)
+    variants = {"f32": ("f32", "auto"), "q8_0": ("q8_0", "auto"), "q8_0, q8_0 shortcuts": ("q8_0", "q8_0")}
+    for name, (gguf_type, shortcut_type) in variants.items():
+        files[name] = export_gguf(checkpoint=checkpoint, out=WORK / f"llama-cpp-{tag}-{gguf_type}-{shortcut_type}",
+                                  gguf_type=gguf_type, shortcut_type=shortcut_type, overwrite=True)  # fmt: skip
+        model = LlamaCppModel(files[name], n_ctx=512, n_threads=THREADS)
+        result["perplexity"][name] = perplexity(model.logits, windows, batch_size=1, progress=True)
         model.close()
     ours_dense = export_gguf(checkpoint=dense_checkpoint, out=WORK / "llama-cpp-dense-q8_0", gguf_type="q8_0", overwrite=True)
 
@@ -100,7 +101,8 @@ def main() -> None:
     result["decode"] = {
         "dense stock llama q8_0": {"tok_s": decode_speed(stock_dense_q8_0(), prompt), "macs": dense_macs},
         "dense slicegpt q8_0 (sparsity 0, no rotation)": {"tok_s": decode_speed(ours_dense, prompt), "macs": dense_macs},
-        f"sliced {tag} q8_0": {"tok_s": decode_speed(files["q8_0"], prompt), "macs": sliced_macs},
+        f"sliced {tag} q8_0 (f16 shortcuts, the default)": {"tok_s": decode_speed(files["q8_0"], prompt), "macs": sliced_macs},
+        f"sliced {tag} q8_0, q8_0 shortcuts": {"tok_s": decode_speed(files["q8_0, q8_0 shortcuts"], prompt), "macs": sliced_macs},
     }
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,21 @@ def test_unaligned_rows_fall_back_to_f16(tmp_path, caplog):
     validate_gguf(path, checkpoint)  # q4_0 is reported, not bounded
 
 
+def test_shortcut_type_overrides_the_protection_rule(tmp_path):
+    checkpoint = write_sliced_checkpoint("llama", 0.0, tmp_path / "checkpoint")  # rotated at width 64: aligned rows
+
+    def types(**kwargs) -> dict:
+        path = export_gguf(checkpoint=checkpoint, out=tmp_path / str(len(kwargs)), gguf_type="q8_0", **kwargs)
+        return {t.name: t.tensor_type for t in GGUFModel(path).reader.tensors}
+
+    auto, fast = types(), types(shortcut_type="q8_0")
+    assert auto["blk.1.ffn_shortcut.weight"] == gguf.GGMLQuantizationType.F16
+    assert fast["blk.1.ffn_shortcut.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert auto["blk.1.attn_q.weight"] == fast["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    with pytest.raises(SliceGPTError, match="unknown GGUF type 'q3'"):
+        export_gguf(checkpoint=checkpoint, out=tmp_path / "bad", gguf_type="q8_0", shortcut_type="q3")
+
+
 def test_file_vocabulary_tokenizes_like_the_source_tokenizer(checkpoint, tmp_path):
     from transformers import AutoTokenizer
 

@@ -64,6 +64,7 @@ def main(
     precision: Annotated[str, typer.Option(help="ONNX: fp32 or fp16.")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="ONNX: int8 or int4 weight-only.")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
+    gguf_shortcut_type: Annotated[str, typer.Option(help="GGUF shortcut matrices: auto (f16 in q8_0/q4_0 files) or a type; q8_0 decodes faster, costs perplexity.")] = "auto",
     sweep: Annotated[str | None, typer.Option(help="Also slice at these sparsities, e.g. 0.1,0.2,0.3, for the sweep plot.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Zero-shot lm-eval-harness tasks, e.g. piqa,arc_easy (needs lm-eval).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -84,7 +85,7 @@ def main(
                    calib_batch_size=calib_batch_size, seed=seed, device=device)  # fmt: skip
     try:
         job = run_job(out=out, formats=format, model=model, sparsity=sparsity, eval_text=eval_text, slice_options=options,
-                      precision=precision, quantize=quantize, gguf_type=gguf_type, sweep=parse_sweep(sweep),
+                      precision=precision, quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, sweep=parse_sweep(sweep),
                       tasks=tasks.split(",") if tasks else None)  # fmt: skip
     except KeyboardInterrupt:
         typer.echo("error: interrupted; finished stages are kept, the interrupted one left no output", err=True)
@@ -217,6 +218,7 @@ def export_command(
     precision: Annotated[str, typer.Option(help="ONNX: fp32 (CPU) or fp16 (CUDA).")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="ONNX: weight-only int8 or int4 (MatMulNBits).")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
+    gguf_shortcut_type: Annotated[str, typer.Option(help="GGUF shortcut matrices: auto (f16 in q8_0/q4_0 files) or a type; q8_0 decodes faster, costs perplexity.")] = "auto",
     validate: Annotated[bool, typer.Option(help="Compare the artifact with the PyTorch reference after export.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -225,7 +227,7 @@ def export_command(
 
     export_artifact(
         format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
-        validate=validate, overwrite=overwrite,
+        gguf_shortcut_type=gguf_shortcut_type, validate=validate, overwrite=overwrite,
     )  # fmt: skip
     typer.echo(f"{format} export: {out}")
 

@@ -91,6 +91,7 @@ def run_job(
     precision: str = "fp32",
     quantize: str | None = None,
     gguf_type: str = "f16",
+    gguf_shortcut_type: str = "auto",
     sweep: list[float] | None = None,
     tasks: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -115,10 +116,12 @@ def run_job(
               lambda: slice_checkpoint(model=source, out=checkpoint, sparsity=sparsity, overwrite=True, **slice_options), records)  # fmt: skip
     for fmt in FORMATS[formats]:
         target = out / fmt
-        inputs = {"checkpoint": slice_inputs, "precision": precision, "quantize": quantize, "gguf_type": gguf_type, "format": fmt}
+        inputs = {"checkpoint": slice_inputs, "precision": precision, "quantize": quantize, "gguf_type": gguf_type,
+                  "gguf_shortcut_type": gguf_shortcut_type, "format": fmt}
         run_stage(f"export {fmt}", out / f"{fmt}{MARKER}", inputs,
                   lambda fmt=fmt, target=target: export_artifact(format=fmt, checkpoint=checkpoint, out=target, precision=precision,
-                                                                 quantize=quantize, gguf_type=gguf_type, overwrite=True), records)  # fmt: skip
+                                                                 quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type,
+                                                                 overwrite=True), records)  # fmt: skip
     results: list = []
     sweep_rows: list[dict] | None = None
 

@@ -13,7 +13,7 @@ FORMATS = ("onnx", "gguf")
 
 def export_artifact(
     *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
-    gguf_type: str = "f16", validate: bool = True, overwrite: bool = False,
+    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", validate: bool = True, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Export `checkpoint` as `format` into `out`, then (by default) validate it against the PyTorch reference."""
     if format == "onnx":
@@ -28,7 +28,7 @@ def export_artifact(
         from slicegpt_export.exporters.gguf import export_gguf
         from slicegpt_export.validation.gguf_runner import validate_gguf
 
-        path = export_gguf(checkpoint=checkpoint, out=out, gguf_type=gguf_type, overwrite=overwrite)
+        path = export_gguf(checkpoint=checkpoint, out=out, gguf_type=gguf_type, shortcut_type=gguf_shortcut_type, overwrite=overwrite)
         if validate:
             validate_gguf(path, checkpoint)
         return path

@@ -177,17 +177,20 @@ def add_general(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig, file_ty
 PROTECTED = {Q.Q8_0: {"shortcut": Q.F16}, Q.Q4_0: {"shortcut": Q.F16, "output.weight": Q.Q8_0}}
 
 
-def stored_type(name: str, qtype: Q) -> Q:
+def stored_type(name: str, qtype: Q, shortcut_qtype: Q | None = None) -> Q:
+    """The type a tensor is stored in: the file's, the spec's protected type, or an explicit shortcut type."""
+    if shortcut_qtype is not None and "shortcut" in name:
+        return shortcut_qtype
     for fragment, protected in PROTECTED.get(qtype, {}).items():
         if fragment in name:
             return protected
     return qtype
 
 
-def tensor_data(name: str, tensor: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
+def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, shortcut_qtype: Q | None = None) -> tuple[np.ndarray, Q]:
     """The array and type to store: 1-D tensors stay f32; rows not a multiple of the block fall back to f16."""
     array = tensor.detach().float().cpu().numpy()
-    qtype = stored_type(name, qtype)
+    qtype = stored_type(name, qtype, shortcut_qtype)
     if array.ndim == 1 or qtype == Q.F32:
         return array.astype(np.float32), Q.F32
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
@@ -209,11 +212,19 @@ def gguf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_gguf(*, checkpoint: Path, out: Path, gguf_type: str = "f16", overwrite: bool = False) -> Path:
-    """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path."""
-    if gguf_type not in GGUF_TYPES:
-        raise SliceGPTError(f"unknown GGUF type {gguf_type!r} (choose from {', '.join(GGUF_TYPES)})")
+def export_gguf(
+    *, checkpoint: Path, out: Path, gguf_type: str = "f16", shortcut_type: str = "auto", overwrite: bool = False
+) -> Path:
+    """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path.
+
+    `shortcut_type` "auto" stores the shortcut matrices as the spec's rule says (f16 in q8_0/q4_0 files); a GGUF
+    type name stores them in that type instead (q8_0 shortcuts trade perplexity for llama.cpp decode speed).
+    """
+    for kind in (gguf_type, *(() if shortcut_type == "auto" else (shortcut_type,))):
+        if kind not in GGUF_TYPES:
+            raise SliceGPTError(f"unknown GGUF type {kind!r} (choose from {', '.join(GGUF_TYPES)})")
     qtype, file_type = GGUF_TYPES[gguf_type]
+    shortcut_qtype = None if shortcut_type == "auto" else GGUF_TYPES[shortcut_type][0]
     checkpoint = Path(checkpoint)
     cfg, _ = read_config(checkpoint)
     tensors = read_tensors(checkpoint)
@@ -227,7 +238,7 @@ def export_gguf(*, checkpoint: Path, out: Path, gguf_type: str = "f16", overwrit
         if cfg.rope is not None and (cfg.rope.scaling or {}).get("rope_type") == "llama3":
             named[spec.ROPE_FREQS] = rope_frequency_divisors(cfg.rope)
         for name, t in tqdm(named.items(), desc="quantizing tensors", unit="tensor", leave=False):
-            data, stored = tensor_data(name, t, qtype)
+            data, stored = tensor_data(name, t, qtype, shortcut_qtype)
             w.add_tensor(name, data, raw_dtype=stored)
         w.write_header_to_file()
         w.write_kv_data_to_file()
