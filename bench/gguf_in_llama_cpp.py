@@ -6,8 +6,8 @@ Perplexity on the DEVELOPERS.md protocol (same token windows as the reference) f
 q8_0 files, q8_0 also with `--gguf-shortcut-type q8_0`; decode tokens/s (batch 1, 2 threads, 128
 greedy tokens after a 128-token prompt, best of 3) of the sliced q8_0 files beside the dense
 SmolLM2 as a stock `llama` q8_0 file (requantized by llama.cpp from the embedded Q4_1 GGUF) and
-beside our dense export (fused, sparsity 0, no rotation) in the same build.  The bound is the dense/sliced ratio of weight multiply-accumulates per token.
-Writes llama_cpp-<sparsity>[-r<round-to>].json and .md.
+beside our dense export (fused, sparsity 0, no rotation) in the same build.  The bound is the
+dense/sliced ratio of weight multiply-accumulates per token.  Writes llama_cpp-<sparsity>[-r<round-to>].json and .md.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import gguf_spec as spec
-from slicegpt_export.validation.reference import rope_frequency_divisors
+from slicegpt_export.validation.reference import rope_frequency_divisors, rope_scaling_kind
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
         w.add_float32(spec.ROPE_FREQ_BASE, cfg.rope.theta)
         w.add_uint32(spec.ROPE_DIMENSION_COUNT, cfg.rope.dim)
         scaling = cfg.rope.scaling or {}
-        kind = scaling.get("rope_type", scaling.get("type", "none"))
+        kind = rope_scaling_kind(cfg.rope)
         w.add_string(spec.ROPE_SCALING_TYPE, "linear" if kind == "linear" else "none")
         if kind == "linear":
             w.add_float32(spec.ROPE_SCALING_FACTOR, float(scaling["factor"]))
@@ -235,7 +235,7 @@ def export_gguf(
         add_hyperparameters(w, cfg)
         add_tokenizer(w, checkpoint, cfg)
         named = gguf_tensors(tensors)
-        if cfg.rope is not None and (cfg.rope.scaling or {}).get("rope_type") == "llama3":
+        if cfg.rope is not None and rope_scaling_kind(cfg.rope) == "llama3":
             named[spec.ROPE_FREQS] = rope_frequency_divisors(cfg.rope)
         for name, t in tqdm(named.items(), desc="quantizing tensors", unit="tensor", leave=False):
             data, stored = tensor_data(name, t, qtype, shortcut_qtype)

@@ -19,7 +19,7 @@ import torch
 from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import gguf_spec as spec
-from slicegpt_export.validation.reference import ModelDefinitionError, SlicedModel, build_model, rope_frequency_divisors
+from slicegpt_export.validation.reference import ModelDefinitionError, SlicedModel, build_model, rope_frequency_divisors, rope_scaling_kind
 
 logger = logging.getLogger(__name__)
 MIN_KV_BYTES = 8 + 8 + 4  # key length, one byte of key, value type
@@ -188,7 +188,7 @@ def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, torch.Tensor]
 
 def check_rope_freqs(cfg: SlicedConfig, stored: torch.Tensor | None, path: Path) -> None:
     """`rope_freqs.weight` (llama.cpp's form of Llama 3 scaling) must be present exactly when the keys ask for it and agree."""
-    llama3 = cfg.rope is not None and (cfg.rope.scaling or {}).get("rope_type") == "llama3"
+    llama3 = cfg.rope is not None and rope_scaling_kind(cfg.rope) == "llama3"
     if stored is None and not llama3:
         return
     if stored is None or not llama3:

@@ -77,8 +77,7 @@ class LlamaCppModel:
         return torch.stack([torch.from_numpy(self.sequence_logits(row.tolist())) for row in input_ids])
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        """Argmax continuation through llama.cpp's own sampler and KV cache."""
-        self.llm.reset()
+        """Argmax continuation through llama.cpp's own sampler and KV cache (generate resets the context)."""
         out: list[int] = []
         for token in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
             out.append(int(token))

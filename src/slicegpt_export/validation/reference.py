@@ -53,11 +53,17 @@ def unscaled_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
     return 1.0 / (spec.theta ** (torch.arange(0, spec.dim, 2, dtype=torch.float64) / spec.dim))
 
 
+def rope_scaling_kind(spec: RopeSpec) -> str:
+    """The scaling kind, default, linear or llama3: the Hugging Face rope_scaling rope_type (or the older `type`)."""
+    scaling = spec.scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/dim), with Hugging Face's linear or llama3 scaling applied.  Returns (dim/2,) float64."""
     inv_freq = unscaled_inverse_frequencies(spec)
     scaling = spec.scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_scaling_kind(spec)
     if kind == "default":
         return inv_freq
     if kind == "linear":
