@@ -31,7 +31,7 @@ def hf_folder() -> Path:
     """The embedded SmolLM2 GGUF written out as a Hugging Face folder (safetensors + tokenizer), for third-party tools."""
     import transformers
 
-    from slicegpt_export.converter.loading import load_source
+    from slicegpt_export.sources.models import load_source
 
     out = WORK / "smollm2-hf"
     if (out / "config.json").is_file():
@@ -48,6 +48,6 @@ def hf_folder() -> Path:
 
 
 def test_windows(tokenizer) -> torch.Tensor:
-    from slicegpt_export.validation.perplexity import text_windows
+    from slicegpt_export.sources.text import text_windows
 
     return text_windows(DATA / "test.txt", tokenizer, seqlen=512, windows=64)

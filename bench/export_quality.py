@@ -21,14 +21,14 @@ from common import WORK, sliced_checkpoint, test_windows
 
 
 def main() -> None:
-    from slicegpt_export.converter.loading import load_tokenizer
+    from slicegpt_export.checkpoint import load_sliced
     from slicegpt_export.exporters.gguf import export_gguf
     from slicegpt_export.exporters.onnx import export_onnx
+    from slicegpt_export.sources.tokenizer import load_tokenizer
     from slicegpt_export.validation.gguf_runner import GGUFModel
-    from slicegpt_export.validation.loader import load_sliced
-    from slicegpt_export.validation.report import size_mb
     from slicegpt_export.validation.onnx_runner import OnnxDecoder
     from slicegpt_export.validation.perplexity import perplexity
+    from slicegpt_export.validation.report import size_mb
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsity", type=float, default=0.25)

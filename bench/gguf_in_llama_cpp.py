@@ -31,7 +31,7 @@ THREADS = 2
 
 def stock_dense_q8_0() -> Path:
     """The embedded SmolLM2 GGUF requantized to q8_0 by llama.cpp (architecture `llama`)."""
-    from slicegpt_export.converter.loading import default_model_path
+    from slicegpt_export.sources.models import default_model_path
     from slicegpt_export.validation.llama_cpp_runner import import_llama_cpp
 
     llama_cpp = import_llama_cpp()
@@ -59,7 +59,7 @@ def decode_speed(path: Path, prompt: list[int]) -> float:
 
 
 def reference_perplexity(checkpoint: Path, windows: torch.Tensor) -> float:
-    from slicegpt_export.validation.loader import load_sliced
+    from slicegpt_export.checkpoint import load_sliced
     from slicegpt_export.validation.perplexity import perplexity
 
     model = load_sliced(checkpoint)
@@ -67,8 +67,8 @@ def reference_perplexity(checkpoint: Path, windows: torch.Tensor) -> float:
 
 
 def main() -> None:
-    from slicegpt_export.converter.loading import load_tokenizer
     from slicegpt_export.exporters.gguf import export_gguf
+    from slicegpt_export.sources.tokenizer import load_tokenizer
     from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
     from slicegpt_export.validation.perplexity import perplexity
 

@@ -28,10 +28,11 @@ logger = logging.getLogger("bench.slicing")
 
 def run_one(sparsity: float) -> dict:
     """Slice at `sparsity`, measure perplexity; runs inside a fresh process."""
+    from slicegpt_export.checkpoint import load_sliced
     from slicegpt_export.converter.convert import slice_checkpoint
-    from slicegpt_export.converter.loading import load_tokenizer
-    from slicegpt_export.validation.loader import load_sliced
-    from slicegpt_export.validation.perplexity import perplexity, text_windows
+    from slicegpt_export.sources.text import text_windows
+    from slicegpt_export.sources.tokenizer import load_tokenizer
+    from slicegpt_export.validation.perplexity import perplexity
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sliced"
@@ -58,9 +59,9 @@ def run_one(sparsity: float) -> dict:
 
 def dense_forward_seconds() -> float:
     """One plain forward (logits included) of the dense model over the protocol's 64 x 512 calibration tokens."""
-    from slicegpt_export.converter.calibration import sample_windows, tokenize_text
     from slicegpt_export.converter.convert import fused_model
-    from slicegpt_export.converter.loading import load_source
+    from slicegpt_export.sources.models import load_source
+    from slicegpt_export.sources.text import sample_windows, tokenize_text
 
     source = load_source(None)
     ids = sample_windows(tokenize_text((DATA / "valid.txt").read_text(), source.tokenizer), samples=64, seqlen=512, seed=42)

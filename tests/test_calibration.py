@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from slicegpt_export.converter.calibration import read_local_text, sample_windows
 from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.sources.text import read_local_text, sample_windows
 
 
 def test_windows_follow_the_protocol_draw():

@@ -10,8 +10,8 @@ import torch
 from tiny import save_tiny_model
 from typer.testing import CliRunner
 
+from slicegpt_export.checkpoint import load_sliced
 from slicegpt_export.cli import app
-from slicegpt_export.validation.loader import load_sliced
 
 runner = CliRunner()
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40  # 1800 bytes = 1800 byte tokens

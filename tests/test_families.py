@@ -7,12 +7,11 @@ import torch
 from oracle import oracle_logits
 from tiny import TINY_CONFIGS, VOCAB, tiny_hf_model
 
-from slicegpt_export.checkpoint import save_checkpoint
+from slicegpt_export.checkpoint import load_sliced, save_checkpoint
 from slicegpt_export.converter.adapters import supported_model_types
 from slicegpt_export.converter.convert import slice_source
-from slicegpt_export.converter.loading import SourceModel
-from slicegpt_export.validation.loader import load_sliced
-from slicegpt_export.validation.reference import generate
+from slicegpt_export.modeling import generate
+from slicegpt_export.sources.models import SourceModel
 
 FAMILIES = list(TINY_CONFIGS)
 

@@ -12,12 +12,11 @@ import pytest
 import torch
 from tiny import TINY_CONFIGS, VOCAB, write_sliced_checkpoint
 
-from slicegpt_export.checkpoint import read_config
+from slicegpt_export import gguf_spec as spec
+from slicegpt_export.checkpoint import load_sliced, read_config
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters import gguf_spec as spec
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.validation.gguf_runner import GGUFModel, validate_gguf
-from slicegpt_export.validation.loader import load_sliced
 
 CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]
 BOUNDS = {"f32": 1e-4, "f16": 1e-2}

@@ -8,9 +8,10 @@ from tiny import SEQLEN, byte_ids, tiny_hf_model, train
 
 from slicegpt_export.converter.adapters import adapter_for
 from slicegpt_export.converter.convert import fused_model, slice_fused
-from slicegpt_export.converter.loading import SourceModel
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.perplexity import evaluation_windows, perplexity
+from slicegpt_export.sources.models import SourceModel
+from slicegpt_export.sources.text import evaluation_windows
+from slicegpt_export.validation.perplexity import perplexity
 
 STEPS = 300
 SLICED_BOUND = 1.02  # sliced-at-0.1 perplexity within 2% of dense (measured: +0.015% OPT, +0.013% Phi)

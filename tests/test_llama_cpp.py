@@ -12,12 +12,12 @@ import pytest
 import torch
 from tiny import VOCAB, write_sliced_checkpoint
 
+from slicegpt_export import gguf_spec as spec
+from slicegpt_export.checkpoint import load_sliced
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters import gguf_spec as spec
 from slicegpt_export.exporters.gguf import export_gguf
+from slicegpt_export.modeling import generate
 from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
-from slicegpt_export.validation.loader import load_sliced
-from slicegpt_export.validation.reference import generate
 
 pytestmark = pytest.mark.usefixtures("llama_cpp")
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 from tiny import SEQLEN, TINY_CONFIGS, VOCAB, byte_ids, write_sliced_checkpoint
 
-from slicegpt_export.exporters.onnx import MODEL_FILE, export_onnx
-from slicegpt_export.validation.loader import load_sliced
+from slicegpt_export.checkpoint import load_sliced
+from slicegpt_export.exporters.onnx import export_onnx
+from slicegpt_export.modeling import generate
+from slicegpt_export.onnx_spec import MODEL_FILE
+from slicegpt_export.sources.text import evaluation_windows
 from slicegpt_export.validation.onnx_runner import OnnxDecoder, compare_with_reference, validate_onnx
-from slicegpt_export.validation.perplexity import evaluation_windows, perplexity
-from slicegpt_export.validation.reference import generate
+from slicegpt_export.validation.perplexity import perplexity
 
 TOLERANCE = 1e-4  # fp32 max |logit difference| on CPU
 CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]

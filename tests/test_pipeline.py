@@ -9,11 +9,12 @@ import torch
 from tiny import save_tiny_model
 from typer.testing import CliRunner
 
+from slicegpt_export.checkpoint import load_sliced
 from slicegpt_export.cli import app
+from slicegpt_export.sources.text import text_windows
 from slicegpt_export.validation.gguf_runner import GGUFModel
-from slicegpt_export.validation.loader import load_sliced
 from slicegpt_export.validation.onnx_runner import OnnxDecoder
-from slicegpt_export.validation.perplexity import perplexity, text_windows
+from slicegpt_export.validation.perplexity import perplexity
 from slicegpt_export.validation.report import agreement
 
 runner = CliRunner()
@@ -48,7 +49,7 @@ def test_report_figures_match_recomputed_ones(job):
     out = root / "out"
     report = {a["name"]: a for a in json.loads((out / "report.json").read_text())["artifacts"]}
     reference = load_sliced(out / "checkpoint")
-    from slicegpt_export.converter.loading import load_tokenizer
+    from slicegpt_export.sources.tokenizer import load_tokenizer
 
     # seqlen capped at the tiny model's 256 positions, as validation caps it
     windows = text_windows(root / "eval.txt", load_tokenizer(out / "checkpoint"), seqlen=256, windows=64)
@@ -65,7 +66,7 @@ def test_report_figures_match_recomputed_ones(job):
 
 
 def test_report_runs_the_gguf_file_in_llama_cpp(job, llama_cpp):
-    from slicegpt_export.converter.loading import load_tokenizer
+    from slicegpt_export.sources.tokenizer import load_tokenizer
     from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
 
     root, _, _ = job
@@ -114,7 +115,7 @@ def test_checkpoint_loads_in_transformers_with_remote_code(job):
     reference = load_sliced(checkpoint)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     assert (hf(ids).logits - reference(ids).logits).abs().max().item() <= 1e-5
-    from slicegpt_export.validation.reference import generate
+    from slicegpt_export.modeling import generate
 
     prompt = ids[:1, :8]
     expected = generate(reference, prompt, max_new_tokens=12)

@@ -9,15 +9,17 @@ from difflib import SequenceMatcher
 
 import pytest
 
+from slicegpt_export.checkpoint import load_sliced
 from slicegpt_export.converter.convert import fused_model, slice_checkpoint
-from slicegpt_export.converter.loading import default_model_path, load_source, load_tokenizer
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.exporters.onnx import export_onnx
+from slicegpt_export.sources.models import default_model_path, load_source
+from slicegpt_export.sources.text import text_windows
+from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.gguf_runner import GGUFModel
-from slicegpt_export.validation.loader import load_sliced
 from slicegpt_export.validation.onnx_runner import OnnxDecoder
-from slicegpt_export.validation.perplexity import perplexity, text_windows
+from slicegpt_export.validation.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -85,7 +85,7 @@ def write_sliced_checkpoint(name: str, sparsity: float, folder: Path, *, train_o
     """
     from slicegpt_export.checkpoint import save_checkpoint
     from slicegpt_export.converter.convert import slice_source
-    from slicegpt_export.converter.loading import SourceModel
+    from slicegpt_export.sources.models import SourceModel
 
     hf = tiny_hf_model(name)
     if train_on is not None:

@@ -44,6 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.modeling import ModelDefinitionError, SlicedModel, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -217,3 +218,18 @@ def read_tensors(directory: Path, *, dtype: torch.dtype | None = None) -> dict[s
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise SliceGPTError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from exc
     return tensors
+
+
+def build_checked(cfg: SlicedConfig, tensors: dict[str, torch.Tensor]) -> SlicedModel:
+    """build_model, with a definition problem reported as a SliceGPTError."""
+    try:
+        return build_model(cfg, tensors)
+    except ModelDefinitionError as exc:
+        raise SliceGPTError(str(exc)) from exc
+
+
+def load_sliced(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SlicedModel:
+    """Load a sliced checkpoint folder as the project's PyTorch model."""
+    cfg, _ = read_config(Path(path))
+    tensors = read_tensors(Path(path), dtype=dtype)
+    return build_checked(cfg, tensors).to(device)

@@ -223,9 +223,9 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Export a sliced checkpoint; then validate it against the PyTorch reference."""
-    from slicegpt_export.exporters import export_artifact
+    from slicegpt_export.pipeline import export_validated
 
-    export_artifact(
+    export_validated(
         format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
         gguf_shortcut_type=gguf_shortcut_type, validate=validate, overwrite=overwrite,
     )  # fmt: skip

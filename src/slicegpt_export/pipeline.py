@@ -53,12 +53,33 @@ def run_stage(name: str, marker: Path, inputs: dict[str, Any], action: Callable[
     records.append(StageRecord(name, time.perf_counter() - start, False))
 
 
+def export_validated(
+    *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
+    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", validate: bool = True, overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Export `checkpoint` as `format` into `out`, then (by default) compare it with the PyTorch reference."""
+    from slicegpt_export.exporters import export_artifact
+
+    path = export_artifact(format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize,
+                           gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, overwrite=overwrite)  # fmt: skip
+    if validate and format == "onnx":
+        from slicegpt_export.validation.onnx_runner import validate_onnx
+
+        validate_onnx(path, checkpoint)
+    elif validate and format == "gguf":
+        from slicegpt_export.validation.gguf_runner import validate_gguf
+
+        validate_gguf(path, checkpoint)
+    return path
+
+
 def sweep_sparsities(checkpoint: Path, sparsities: list[float], *, text: Path, out: Path, seqlen: int, windows: int | None) -> list[dict]:
     """Slice the checkpoint's source again at each sparsity (same calibration) and measure perplexity and size."""
+    from slicegpt_export.checkpoint import load_sliced
     from slicegpt_export.converter.convert import slice_checkpoint
-    from slicegpt_export.converter.loading import load_tokenizer
-    from slicegpt_export.validation.loader import load_sliced
-    from slicegpt_export.validation.perplexity import perplexity, text_windows
+    from slicegpt_export.sources.text import text_windows
+    from slicegpt_export.sources.tokenizer import load_tokenizer
+    from slicegpt_export.validation.perplexity import perplexity
 
     cfg, _ = read_config(checkpoint)
     calib = cfg.calibration
@@ -97,8 +118,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Slice `model`, export it as `formats`, validate every artifact and write the report into `out`."""
     from slicegpt_export.converter.convert import check_sparsity, slice_checkpoint
-    from slicegpt_export.converter.loading import default_model_path
-    from slicegpt_export.exporters import export_artifact
+    from slicegpt_export.sources.models import default_model_path
     from slicegpt_export.validation.report import validate_directory, write_report
 
     if formats not in FORMATS:
@@ -119,7 +139,7 @@ def run_job(
         inputs = {"checkpoint": slice_inputs, "precision": precision, "quantize": quantize, "gguf_type": gguf_type,
                   "gguf_shortcut_type": gguf_shortcut_type, "format": fmt}
         run_stage(f"export {fmt}", out / f"{fmt}{MARKER}", inputs,
-                  lambda fmt=fmt, target=target: export_artifact(format=fmt, checkpoint=checkpoint, out=target, precision=precision,
+                  lambda fmt=fmt, target=target: export_validated(format=fmt, checkpoint=checkpoint, out=target, precision=precision,
                                                                  quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type,
                                                                  overwrite=True), records)  # fmt: skip
     results: list = []

@@ -1,1 +1,1 @@
-"""The converter: loading, family adapters, fusion, PCA, slicing and calibration."""
+"""The converter: family adapters, fusion, PCA, slicing and calibration."""

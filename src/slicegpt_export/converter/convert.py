@@ -14,15 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from slicegpt_export.atomic import atomic_directory
-from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, save_checkpoint
+from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, build_checked, parameter_count, save_checkpoint
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.calibration import calibration_ids
 from slicegpt_export.converter.fusion import fuse_norms
-from slicegpt_export.converter.loading import SourceModel, load_source
 from slicegpt_export.converter.slicing import CalibrationBatch, rotate_and_slice, sliced_width
+from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.loader import build_checked
-from slicegpt_export.validation.reference import SlicedModel, generate
+from slicegpt_export.modeling import SlicedModel, generate
+from slicegpt_export.sources.models import SourceModel, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +30,6 @@ logger = logging.getLogger(__name__)
 def check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:
         raise SliceGPTError(f"sparsity must be in [0, 1), got {sparsity}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> the first CUDA device when present, else the CPU; otherwise the named device, checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise SliceGPTError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SliceGPTError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def canonical_tensors(adapter: FamilyAdapter, source: SourceModel, num_layers: int) -> dict[str, torch.Tensor]:

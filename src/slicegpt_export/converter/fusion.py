@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from slicegpt_export.converter.adapters.base import ATTN_NORM, FINAL_NORM, MLP_NORM
-from slicegpt_export.validation.reference import SlicedModel
+from slicegpt_export.modeling import SlicedModel
 
 STAGE_NORMS = (ATTN_NORM, MLP_NORM)  # norm read by a block's first and second residual stage
 

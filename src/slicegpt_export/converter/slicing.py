@@ -25,7 +25,7 @@ from torch import nn
 
 from slicegpt_export.checkpoint import LayerWidths
 from slicegpt_export.converter.pca import CovarianceAccumulator, principal_components
-from slicegpt_export.validation.reference import AttentionContext, SlicedModel
+from slicegpt_export.modeling import AttentionContext, SlicedModel
 
 logger = logging.getLogger(__name__)
 

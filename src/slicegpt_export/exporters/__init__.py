@@ -1,4 +1,4 @@
-"""Exporters: each a pure function of a sliced checkpoint, followed by validation against the reference."""
+"""Exporters: each a pure function of a sliced checkpoint (validation is composed on top, in pipeline.py)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,15 @@ FORMATS = ("onnx", "gguf")
 
 def export_artifact(
     *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
-    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", validate: bool = True, overwrite: bool = False,
+    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", overwrite: bool = False,
 ) -> Path:  # fmt: skip
-    """Export `checkpoint` as `format` into `out`, then (by default) validate it against the PyTorch reference."""
+    """Export `checkpoint` as `format` into `out`; returns the ONNX folder or the GGUF file."""
     if format == "onnx":
         from slicegpt_export.exporters.onnx import export_onnx
-        from slicegpt_export.validation.onnx_runner import validate_onnx
 
-        export_onnx(checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, overwrite=overwrite)
-        if validate:
-            validate_onnx(out, checkpoint)
-        return out
+        return export_onnx(checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, overwrite=overwrite)
     if format == "gguf":
         from slicegpt_export.exporters.gguf import export_gguf
-        from slicegpt_export.validation.gguf_runner import validate_gguf
 
-        path = export_gguf(checkpoint=checkpoint, out=out, gguf_type=gguf_type, shortcut_type=gguf_shortcut_type, overwrite=overwrite)
-        if validate:
-            validate_gguf(path, checkpoint)
-        return path
+        return export_gguf(checkpoint=checkpoint, out=out, gguf_type=gguf_type, shortcut_type=gguf_shortcut_type, overwrite=overwrite)
     raise SliceGPTError(f"unknown export format {format!r} (choose from {', '.join(FORMATS)})")

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from slicegpt_export import gguf_spec as spec
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters import gguf_spec as spec
-from slicegpt_export.validation.reference import rope_frequency_divisors, rope_scaling_kind
+from slicegpt_export.modeling import rope_frequency_divisors, rope_scaling_kind
 
 logger = logging.getLogger(__name__)
 

@@ -32,31 +32,28 @@ from onnx import TensorProto, helper, numpy_helper
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.reference import rope_inverse_frequencies
+from slicegpt_export.modeling import rope_inverse_frequencies
+from slicegpt_export.onnx_spec import (
+    ATTENTION_MASK,
+    EXTERNAL_DATA_FILE,
+    INPUT_IDS,
+    LOGITS,
+    MODEL_FILE,
+    POSITION_IDS,
+    past_name,
+    present_name,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 OPSET = 23
 IR_VERSION = 10
-MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to an external file
 PRECISIONS = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}
 QUANTIZATIONS = {"int8": 8, "int4": 4}
 QUANT_BLOCK_SIZE = 32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")  # fmt: skip
-
-INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-
-
-def past_name(i: int, kind: str) -> str:
-    return f"past_key_values.{i}.{kind}"
-
-
-def present_name(i: int, kind: str) -> str:
-    return f"present.{i}.{kind}"
-
 
 class GraphBuilder:
     """Accumulates nodes, initializers and value_info; hands out unique intermediate names."""

@@ -1,7 +1,7 @@
 """Files written next to a sliced checkpoint so that transformers loads it with trust_remote_code=True.
 
 ``configuration_slicegpt.py`` and ``modeling_slicegpt.py`` live here; the model itself is
-``validation/reference.py``, copied as ``slicegpt_reference.py`` (it depends on torch alone).
+``modeling.py``, copied as ``slicegpt_reference.py`` (it depends on torch alone).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-REFERENCE = HERE.parent / "validation" / "reference.py"
+REFERENCE = HERE.parent / "modeling.py"
 AUTO_MAP = {
     "AutoConfig": "configuration_slicegpt.SliceGPTConfig",
     "AutoModelForCausalLM": "modeling_slicegpt.SliceGPTForCausalLM",

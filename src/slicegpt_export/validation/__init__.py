@@ -1,1 +1,1 @@
-"""Validation: the PyTorch reference model of a sliced checkpoint, perplexity, and runners for each artifact."""
+"""Validation: runners for each artifact, perplexity and agreement with the reference, the report."""

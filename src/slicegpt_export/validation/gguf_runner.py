@@ -16,10 +16,10 @@ import gguf
 import numpy as np
 import torch
 
+from slicegpt_export import gguf_spec as spec
 from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters import gguf_spec as spec
-from slicegpt_export.validation.reference import ModelDefinitionError, SlicedModel, build_model, rope_frequency_divisors, rope_scaling_kind
+from slicegpt_export.modeling import ModelDefinitionError, SlicedModel, build_model, rope_frequency_divisors, rope_scaling_kind
 
 logger = logging.getLogger(__name__)
 MIN_KV_BYTES = 8 + 8 + 4  # key length, one byte of key, value type
@@ -265,7 +265,7 @@ class GGUFValidationError(SliceGPTError):
 
 def validate_gguf(path: Path, checkpoint: Path, *, prompts: int = 8, length: int = 32, seed: int = 0) -> dict[str, float]:
     """Compare the file's logits with the reference on random prompts; an f32 file beyond its bound is an error."""
-    from slicegpt_export.validation.loader import load_sliced
+    from slicegpt_export.checkpoint import load_sliced
 
     model = GGUFModel(path)
     reference = load_sliced(checkpoint)

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slicegpt_export.checkpoint import read_config
+from slicegpt_export.checkpoint import load_sliced, read_config
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters.onnx import MODEL_FILE, past_name, present_name
-from slicegpt_export.validation.loader import load_sliced
-from slicegpt_export.validation.reference import SlicedModel
+from slicegpt_export.modeling import SlicedModel
+from slicegpt_export.onnx_spec import MODEL_FILE, past_name, present_name
 
 logger = logging.getLogger(__name__)
 

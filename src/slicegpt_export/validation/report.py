@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from slicegpt_export.atomic import atomic_file
-from slicegpt_export.checkpoint import read_config
-from slicegpt_export.converter.loading import load_tokenizer
+from slicegpt_export.checkpoint import load_sliced, read_config
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.loader import load_sliced
-from slicegpt_export.validation.perplexity import LogitsFn, perplexity, text_windows
+from slicegpt_export.sources.text import text_windows
+from slicegpt_export.sources.tokenizer import load_tokenizer
+from slicegpt_export.validation.perplexity import LogitsFn, perplexity
 from slicegpt_export.validation.runners import is_sliced_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -122,11 +122,10 @@ def validate_directory(
         results.append(evaluate(name, path, factory(), True))
     source = cfg.source_model
     if dense and text is not None and source and Path(source).exists():
-        from slicegpt_export.converter.convert import fused_model
-        from slicegpt_export.converter.loading import load_source
+        from slicegpt_export.sources.models import dense_model, load_source
 
-        dense_model = fused_model(load_source(source))[0]
-        results.insert(0, evaluate("dense source", Path(source), lambda x: dense_model(x).logits, False))
+        dense = dense_model(load_source(source))
+        results.insert(0, evaluate("dense source", Path(source), lambda x: dense(x).logits, False))
     return results
 
 

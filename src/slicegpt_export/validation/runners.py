@@ -1,4 +1,4 @@
-"""Runners: logits and perplexity from each kind of artifact (the PyTorch reference for now)."""
+"""Perplexity of a sliced checkpoint (the reference) or of a dense source model."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from slicegpt_export.checkpoint import CONFIG_NAME, SECTION
-from slicegpt_export.converter.loading import load_source, load_tokenizer
+from slicegpt_export.checkpoint import CONFIG_NAME, SECTION, load_sliced
+from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.validation.loader import load_sliced
-from slicegpt_export.validation.perplexity import perplexity, text_windows
-from slicegpt_export.validation.reference import SlicedModel
+from slicegpt_export.sources.models import dense_model, load_source
+from slicegpt_export.sources.text import text_windows
+from slicegpt_export.sources.tokenizer import load_tokenizer
+from slicegpt_export.validation.perplexity import perplexity
 
 
 def is_sliced_checkpoint(path: Path) -> bool:
@@ -25,7 +26,9 @@ def is_sliced_checkpoint(path: Path) -> bool:
         return False
 
 
-def reference_logits_fn(model: SlicedModel, device: torch.device):
+def reference_logits_fn(model: torch.nn.Module, device: torch.device):
+    """The logits function of a sliced model or a transformers model (both return `.logits`)."""
+
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids.to(device)).logits
 
@@ -36,9 +39,7 @@ def reference_logits_fn(model: SlicedModel, device: torch.device):
 def reference_perplexity(
     path: str | Path, *, text: Path, seqlen: int, windows: int | None, batch_size: int, device: str = "auto"
 ) -> float:
-    """Perplexity of a sliced checkpoint, or of a dense source model run through its fused (unsliced) form."""
-    from slicegpt_export.converter.convert import fused_model, resolve_device
-
+    """Perplexity of a sliced checkpoint, or of a dense source model run by transformers."""
     dev = resolve_device(device)
     if is_sliced_checkpoint(Path(path)):
         model = load_sliced(path, device=dev)
@@ -46,7 +47,7 @@ def reference_perplexity(
     else:
         source = load_source(str(path))
         tokenizer = source.tokenizer
-        model = fused_model(source)[0].to(dev)
+        model = dense_model(source).to(dev)
     if tokenizer is None:
         raise SliceGPTError(f"{path} has no tokenizer to read the evaluation text with")
     ids = text_windows(text, tokenizer, seqlen=seqlen, windows=windows)

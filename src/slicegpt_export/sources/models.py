@@ -12,6 +12,7 @@ import torch
 
 from slicegpt_export.checkpoint import read_json, read_tensors
 from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.sources.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +93,6 @@ def download_from_hub(repo_id: str) -> Path:
         raise SliceGPTError(f"cannot download {repo_id} from the Hugging Face hub: {type(exc).__name__}: {exc}") from exc
 
 
-def load_tokenizer(folder: Path, gguf_file: str | None = None) -> Any | None:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("no usable tokenizer in %s (%s); calibration text cannot be tokenized", folder, exc)
-        return None
-
-
 def load_hf_folder(folder: Path, *, dtype: torch.dtype) -> SourceModel:
     hf_config = read_json(folder / "config.json", missing=f"{folder} is not a Hugging Face model folder: config.json is missing")
     tensors = read_tensors(folder, dtype=dtype)
@@ -126,3 +117,30 @@ def load_gguf(path: Path, *, dtype: torch.dtype) -> SourceModel:
     tensors = {name: t.to(dtype) for name, t in parsed["tensors"].items()}
     hf_config = config.to_dict()
     return SourceModel(hf_config, tensors, load_tokenizer(path.parent, gguf_file=path.name), str(path), carried)
+
+
+def dense_model(source: SourceModel) -> torch.nn.Module:
+    """The dense source as its transformers model (weights assigned, not copied; a tied head re-tied).
+
+    This is the unmodified model the sliced one is compared with; calling it returns an output
+    with ``.logits``.  ``source.tensors`` is emptied.
+    """
+    import transformers
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    try:
+        config = transformers.AutoConfig.for_model(**source.hf_config)
+        with no_init_weights():  # parameters are allocated, not initialized: the source's tensors replace them
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=next(iter(source.tensors.values())).dtype)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SliceGPTError(f"transformers cannot build the dense {source.hf_config.get('model_type')!r} model: {exc}") from exc
+    result = model.load_state_dict(source.tensors, strict=False, assign=True)
+    source.tensors.clear()
+    missing = [n for n in result.missing_keys if "lm_head" not in n]  # a tied head is re-tied below
+    if missing:
+        raise SliceGPTError(f"the dense source lacks tensors {missing[:3]}")
+    model.tie_weights()
+    return model.eval()

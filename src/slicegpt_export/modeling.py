@@ -1,9 +1,10 @@
-"""The project's own PyTorch reference model of a sliced checkpoint.
+"""The sliced model definition: the PyTorch forward pass of any sliced checkpoint (the reference).
 
 It implements the forward pass written down in the checkpoint's config (per-layer widths,
 shortcut matrices on the residual, RMSNorm over the original width D) for every supported
 family, from the recorded traits alone.  The converter runs calibration through the same
-modules, so what is measured while slicing is exactly what the saved model computes.
+modules, so what is measured while slicing is exactly what the saved model computes; the
+exporters and validation use it as the reference every artifact is checked against.
 
 Shapes: B batch, T new tokens, S = past + T keys, D original width, d_l sliced widths,
 H query heads, K key/value heads, hd head dim.

@@ -1,0 +1,97 @@
+"""Text: local files and folders, Hugging Face datasets, tokenized once and cut into token windows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slicegpt_export.errors import SliceGPTError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a .txt file, or the `text` fields of a .jsonl or .parquet file joined by blank lines."""
+    try:
+        if path.suffix == ".txt":
+            return path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return "\n\n".join(str(r["text"]) for r in rows)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return "\n\n".join(str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SliceGPTError(f"cannot read calibration file {path}: {exc}") from exc
+    except Exception as exc:  # pyarrow's own error types
+        raise SliceGPTError(f"cannot read calibration file {path}: {type(exc).__name__}: {exc}") from exc
+    raise SliceGPTError(f"calibration file {path} is not one of {', '.join(TEXT_SUFFIXES)}")
+
+
+def read_local_text(path: Path) -> str:
+    """A file's text, or the texts of every supported file of a folder (sorted by name) joined by blank lines."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        if not files:
+            raise SliceGPTError(f"calibration folder {path} holds no {', '.join(TEXT_SUFFIXES)} files")
+        return "\n\n".join(read_text_file(p) for p in files)
+    if not path.is_file():
+        raise SliceGPTError(f"calibration file {path} does not exist")
+    return read_text_file(path)
+
+
+def read_hub_dataset(name: str) -> str:
+    """The train split's `text` column of a Hugging Face dataset given as NAME or NAME:CONFIG (needs `datasets`)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise SliceGPTError(f"calibration dataset {name!r} needs the `datasets` package (pip install datasets)") from exc
+    dataset, _, config = name.partition(":")
+    try:
+        data = datasets.load_dataset(dataset, config or None, split="train")
+    except Exception as exc:  # network and missing-dataset errors end the same way
+        raise SliceGPTError(f"cannot load calibration dataset {name!r}: {type(exc).__name__}: {exc}") from exc
+    return "\n\n".join(data["text"])
+
+
+def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:
+    """The whole text tokenized once, as the protocol does; (N,) int64."""
+    if tokenizer is None:
+        raise SliceGPTError("the source model has no tokenizer, so calibration text cannot be tokenized")
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)  # "sequence too long" is expected
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, *, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`samples` windows of `seqlen` tokens from the 1-D `ids`, starting at randint(0, N - seqlen + 1).
+
+    With a fresh generator seeded `seed` this draws exactly what `torch.manual_seed(seed);
+    torch.randint(0, N - seqlen + 1, (samples,))` draws.  Returns (samples, seqlen) int64.
+    """
+    n = ids.numel()
+    if n < seqlen:
+        raise SliceGPTError(f"too little calibration text: {n} tokens, fewer than one sample of {seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seqlen + 1, (samples,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(ids: torch.Tensor, *, seqlen: int, windows: int | None) -> torch.Tensor:
+    """The first `windows` consecutive windows of `seqlen` tokens (all complete ones when None); (n, seqlen)."""
+    available = ids.numel() // seqlen
+    if available == 0:
+        raise SliceGPTError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    n = available if windows is None else min(windows, available)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def text_windows(path: Path, tokenizer: Any, *, seqlen: int, windows: int | None) -> torch.Tensor:
+    """The first consecutive windows of a local text file or folder, tokenized once."""
+    return evaluation_windows(tokenize_text(read_local_text(Path(path)), tokenizer), seqlen=seqlen, windows=windows)
