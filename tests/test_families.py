@@ -80,7 +80,13 @@ def test_sliced_widths_are_recorded_and_real(sliced_quarter):
     assert [w.attn_in for w in cfg.layers] == [d] * cfg.num_layers
     assert [w.mlp_out for w in cfg.layers] == [d] * (cfg.num_layers - 1) + [cfg.hidden_size]
     tensors = model.named_weights()
-    assert tensors["embed_tokens.weight"].shape == (cfg.vocab_size, d)
+    if cfg.tied_embeddings:  # one vocab x D matrix, the rotations beside it
+        assert tensors["embed_tokens.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
+        assert tensors["embed_proj"].shape == (cfg.hidden_size, d)
+        assert tensors["lm_head.proj"].shape == (cfg.head_in, cfg.hidden_size) and "lm_head.weight" not in tensors
+    else:
+        assert tensors["embed_tokens.weight"].shape == (cfg.vocab_size, d)
+        assert tensors["lm_head.weight"].shape == (cfg.vocab_size, cfg.head_in)
     for i, w in enumerate(cfg.layers):
         assert tensors[f"layers.{i}.q_proj.weight"].shape[1] == w.attn_in
         assert tensors[f"layers.{i}.o_proj.weight"].shape[0] == w.attn_out
@@ -91,7 +97,6 @@ def test_sliced_widths_are_recorded_and_real(sliced_quarter):
             assert tensors[f"layers.{i}.mlp_shortcut"].shape == (w.mlp_in, w.mlp_out)
         else:  # one norm, one shortcut per parallel block
             assert f"layers.{i}.mlp_shortcut" not in tensors and (w.attn_in, w.attn_out) == (w.mlp_in, w.mlp_out)
-    assert tensors["lm_head.weight"].shape == (cfg.vocab_size, cfg.head_in)
 
 
 def test_sliced_model_runs_close_to_dense(sliced_quarter):

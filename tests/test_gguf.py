@@ -56,7 +56,7 @@ def test_metadata_round_trips(checkpoint, tmp_path):
     model = GGUFModel(path)
     expected = cfg.to_dict()
     got = model.config.to_dict()
-    for k in ("calibration", "round_to", "format_version", "source_model", "dense_parameters"):  # checkpoint bookkeeping, not part of the model
+    for k in ("calibration", "round_to", "format_version", "source_model", "size", "slicing"):  # checkpoint bookkeeping, not the model
         expected.pop(k), got.pop(k)
     assert got == as_float32(expected)  # GGUF stores float32 scalars
     fields = model.reader.fields

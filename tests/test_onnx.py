@@ -81,7 +81,8 @@ def test_graph_records_widths_shortcuts_and_config(exported):
     for i, w in enumerate(section["layers"]):
         assert names[f"layers.{i}.attn_shortcut"].op_type == "MatMul"
         assert list(inits[f"layers.{i}.attn_shortcut"].dims) == [w["attn_in"], w["attn_out"]]
-        assert list(inits[f"layers.{i}.q_proj.weight"].dims)[0] == w["attn_in"]
+        qkv_out = (section["num_heads"] + 2 * section["num_kv_heads"]) * section["head_dim"]
+        assert list(inits[f"layers.{i}.qkv_proj.weight"].dims) == [w["attn_in"], qkv_out]  # q, k, v packed: one MatMul
         if section["block_kind"] == "sequential":
             assert list(inits[f"layers.{i}.mlp_shortcut"].dims) == [w["mlp_in"], w["mlp_out"]]
     widths = {vi.type.tensor_type.shape.dim[2].dim_value for vi in model.graph.value_info}
@@ -103,7 +104,7 @@ def test_weight_only_quantization_keeps_perplexity(trained_checkpoint, tmp_path,
     export_onnx(checkpoint=trained_checkpoint, out=tmp_path / "fp32")
     export_onnx(checkpoint=trained_checkpoint, out=tmp_path / quantize, quantize=quantize)
     nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / quantize / MODEL_FILE)).graph.node}
-    assert nodes["layers.0.up_proj/MatMul_Q" + quantize[-1]] == "MatMulNBits"
+    assert nodes["layers.0.gate_up_proj/MatMul_Q" + quantize[-1]] == "MatMulNBits"
     assert nodes["layers.0.attn_shortcut"] == "MatMul"  # the residual projections stay fp32
     dense = perplexity(OnnxDecoder(tmp_path / "fp32").logits, windows)
     quantized = perplexity(OnnxDecoder(tmp_path / quantize).logits, windows)

@@ -27,7 +27,18 @@ Tensor names and shapes (PyTorch order, ``out x in`` for linears), with ``d_l`` 
 ``lm_head.weight``              (vocab, head_in)               (+ ``.bias``)
 ==============================  =================================================
 
-The residual stream is a row vector: a shortcut maps ``x -> x @ S``.  Every norm is the
+A shortcut that is the identity (the block keeps its basis and width) is not stored.  With
+``tied_embeddings`` (a source whose head reuses the token embedding) the V x D matrix is stored
+once and the rotations travel in small matrices beside it:
+
+==============================  =================================================
+``embed_tokens.weight``         (vocab, hidden_size)  -- also the head's weight
+``embed_proj``                  (hidden_size, embedding) -- absent = identity
+``lm_head.proj``                (head_in, hidden_size); no ``lm_head.weight``
+==============================  =================================================
+
+The residual stream is a row vector: a shortcut maps ``x -> x @ S``, the embedding is
+``E[t] @ embed_proj``, a tied head computes ``(x @ proj) @ E^T + b``.  Every norm is the
 weightless RMSNorm of SliceGPT that divides by the *original* width ``hidden_size``:
 ``x / sqrt(sum(x**2) / hidden_size + eps)``.
 """
@@ -48,12 +59,14 @@ from slicegpt_export.modeling import ModelDefinitionError, SlicedModel, build_mo
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks tied embeddings and the size summary
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SECTION = "slicegpt"
 GGUF_METADATA_NAME = "gguf_metadata.json"  # a GGUF source's tokenizer.* / general.* keys, for GGUF export
+SPECTRA_NAME = "eigenvalues.safetensors"  # the PCA spectrum of every sliced signal (report plots)
 
 
 @dataclasses.dataclass
@@ -99,11 +112,13 @@ class SlicedConfig:
     embedding_width: int  # columns of embed_tokens (residual width entering layer 0)
     layers: list[LayerWidths]
     head_in: int  # columns of lm_head
-    sparsity: float = 0.0
+    tied_embeddings: bool = False  # embed_tokens (vocab, D) stored once, read by the embedding and the head
+    sparsity: float = 0.0  # the paper's slicing fraction (of the hidden width), 0 for a budget
     round_to: int = 8
+    slicing: dict[str, Any] = dataclasses.field(default_factory=dict)  # how widths were chosen (rotation, allocation, budget)
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
     source_model: str = ""  # where the dense model came from (folder, hub id or .gguf file)
-    dense_parameters: int = 0  # stored parameters of the dense source (a tied head counted once)
+    size: dict[str, Any] = dataclasses.field(default_factory=dict)  # stored parameters and weight MACs/token vs dense
     format_version: int = FORMAT_VERSION
 
     @property
@@ -117,8 +132,11 @@ class SlicedConfig:
     def from_dict(cls, data: dict[str, Any]) -> SlicedConfig:
         data = dict(data)
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise SliceGPTError(f"unsupported sliced checkpoint format version {version!r} (this tool reads {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise SliceGPTError(f"unsupported sliced checkpoint format version {version!r} (this tool reads {READABLE_VERSIONS})")
+        if version == 1:
+            data["size"] = {"dense_parameters": data.pop("dense_parameters", 0)}
+            data["format_version"] = FORMAT_VERSION
         data["layers"] = [LayerWidths(**w) for w in data["layers"]]
         data["rope"] = RopeSpec(**data["rope"]) if data.get("rope") else None
         names = {f.name for f in dataclasses.fields(cls)}
@@ -126,6 +144,30 @@ class SlicedConfig:
         if unknown:
             raise SliceGPTError(f"unknown keys in the slicegpt config section: {sorted(unknown)}")
         return cls(**data)
+
+
+def weight_macs_per_token(tensors: dict[str, torch.Tensor], *, tied_embeddings: bool) -> int:
+    """Multiply-accumulates per token of every weight matrix product: linears, shortcuts, projections, head.
+
+    Embedding lookups cost none; a tied embedding matrix is counted once, as the head's product.
+    """
+    macs = sum(t.numel() for n, t in tensors.items() if t.dim() == 2 and not n.startswith(("embed_tokens.", "embed_positions.")))
+    return macs + (tensors["embed_tokens.weight"].numel() if tied_embeddings else 0)
+
+
+def size_summary(tensors: dict[str, torch.Tensor], cfg: SlicedConfig, *, dense_parameters: int, dense_macs: int) -> dict[str, Any]:
+    """Stored parameters and weight MACs per token against the dense model, beside the paper's slicing fraction."""
+    params = parameter_count(tensors)
+    macs = weight_macs_per_token(tensors, tied_embeddings=cfg.tied_embeddings)
+    return {
+        "sparsity": cfg.sparsity,
+        "parameters": params,
+        "dense_parameters": dense_parameters,
+        "parameter_fraction": params / dense_parameters if dense_parameters else None,
+        "macs_per_token": macs,
+        "dense_macs_per_token": dense_macs,
+        "mac_fraction": macs / dense_macs if dense_macs else None,
+    }
 
 
 def parameter_count(tensors: dict[str, torch.Tensor]) -> int:
@@ -160,6 +202,22 @@ def save_checkpoint(
     full = {**base_config, **write_remote_code(directory)}
     full[SECTION] = config.to_dict()
     (directory / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+
+
+def save_spectra(directory: Path, eigenvalues: dict[str, list[float]]) -> None:
+    """Every PCA spectrum (signal name -> eigenvalues, descending) as float64 tensors."""
+    from safetensors.torch import save_file
+
+    if eigenvalues:
+        save_file({k: torch.tensor(v, dtype=torch.float64) for k, v in eigenvalues.items()}, str(Path(directory) / SPECTRA_NAME))
+
+
+def read_spectra(directory: Path) -> dict[str, torch.Tensor]:
+    """The spectra saved by save_spectra ({} when the checkpoint has none)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / SPECTRA_NAME
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def read_json(path: Path, *, missing: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `slicegpt` GGUF architecture, version 1: every metadata key and tensor name in one place.
+"""The `slicegpt` GGUF architecture, version 2: every metadata key and tensor name in one place.
 
 docs/gguf-slicegpt.md is the prose version of this module; the writer and the runner use
 only these constants.
@@ -7,7 +7,7 @@ only these constants.
 from __future__ import annotations
 
 ARCH = "slicegpt"
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: tied embeddings (token_embd read by the head through output_proj)
 
 
 def key(name: str) -> str:
@@ -48,6 +48,7 @@ BIAS_HEAD = key("bias.head")  # bool
 POSITION_EMBEDDING = key("position_embedding")  # string: rope or learned
 POSITION_OFFSET = key("position_offset")  # learned positions: row = position + offset
 SPARSITY = key("sparsity")  # float32, informative
+TIED_EMBEDDINGS = key("tied_embeddings")  # bool: token_embd is [D, V], read through token_embd_proj and by the head
 # ---- widths -----------------------------------------------------------------------------------
 WIDTH_EMBEDDING = key("width.embedding")
 WIDTH_ATTN_IN = key("width.attn_in")  # array[uint32] of block_count
@@ -59,7 +60,7 @@ WIDTH_HEAD_IN = key("width.head_in")
 REQUIRED_KEYS = (
     SPEC_VERSION_KEY, BASE_FAMILY, BLOCK_COUNT, EMBEDDING_LENGTH, CONTEXT_LENGTH, FEED_FORWARD_LENGTH, VOCAB_SIZE,
     HEAD_COUNT, HEAD_COUNT_KV, KEY_LENGTH, VALUE_LENGTH, NORM_EPSILON, BLOCK_KIND, ACTIVATION, GATED_MLP,
-    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, WIDTH_EMBEDDING,
+    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, TIED_EMBEDDINGS, WIDTH_EMBEDDING,
     WIDTH_ATTN_IN, WIDTH_ATTN_OUT, WIDTH_MLP_IN, WIDTH_MLP_OUT, WIDTH_HEAD_IN,
 )  # fmt: skip
 
@@ -84,9 +85,17 @@ TENSOR_NAMES = {
     "layers.{i}.mlp_shortcut": "blk.{i}.ffn_shortcut.weight",
     "lm_head.weight": "output.weight",
     "lm_head.bias": "output.bias",
+    "embed_proj": "token_embd_proj.weight",
+    "lm_head.proj": "output_proj.weight",
 }
-#: shortcut matrices are stored transposed, as linear weights (d_out rows of d_in): y = S^T x
-SHORTCUTS = ("layers.{i}.attn_shortcut", "layers.{i}.mlp_shortcut")
+#: matrices the checkpoint applies on the right (x -> x @ S) are stored transposed, as linear weights
+#: (d_out rows of d_in): y = S^T x
+RIGHT_MULTIPLIED = ("attn_shortcut", "mlp_shortcut", "embed_proj", "proj")
+
+
+def is_right_multiplied(checkpoint_name: str) -> bool:
+    """Whether a checkpoint tensor is a right-multiplied matrix (stored transposed in GGUF)."""
+    return checkpoint_name.rsplit(".", 1)[-1] in RIGHT_MULTIPLIED
 
 
 def gguf_name(checkpoint_name: str) -> str:

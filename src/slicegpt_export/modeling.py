@@ -250,50 +250,92 @@ class ReferenceOutput:
     past_key_values: KVCache | None
 
 
+class TiedHead(nn.Module):
+    """The head of a model that stores its token embedding E (vocab, D) once: logits = (x @ proj) E^T + b.
+
+    ``proj`` (head_in, D) carries what the untied head W = E diag(g) Q_L would hold besides E:
+    the final norm's scale g and the rotation Q_L (sliced to head_in rows), proj = Q_L^T diag(g).
+    """
+
+    def __init__(self, head_in: int, hidden_size: int, vocab_size: int, bias: bool) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.empty(head_in, hidden_size, device="meta"), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(vocab_size, device="meta"), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """x (B, T, head_in), embedding (vocab, D) -> logits (B, T, vocab)."""
+        return F.linear(x @ self.proj, embedding, self.bias)
+
+
 class SlicedModel(nn.Module):
-    """A sliced (or fused, unsliced) decoder built from a :class:`SlicedConfig`."""
+    """A sliced (or fused, unsliced) decoder built from a :class:`SlicedConfig`.
+
+    Untied: ``embed_tokens`` (vocab, d_emb) and ``lm_head`` (vocab, head_in).  Tied
+    (``cfg.tied_embeddings``): ``embed_tokens`` (vocab, D) is stored once and read by both ends,
+    the residual enters through ``embed_proj`` (D, d_emb; absent = identity) and leaves through
+    the :class:`TiedHead`.
+    """
 
     def __init__(self, cfg: SlicedConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embedding_width, device="meta")
+        tied = bool(getattr(cfg, "tied_embeddings", False))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size if tied else cfg.embedding_width, device="meta")
         self.embed_positions = (
             nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.embedding_width, device="meta")
             if cfg.position_embedding == "learned"
             else None
         )
+        self.register_buffer("embed_proj", None, persistent=False)  # (D, d_emb) when tied; None = identity
         self.layers = nn.ModuleList([DecoderLayer(cfg, i, w) for i, w in enumerate(cfg.layers)])
-        self.lm_head = linear(cfg.head_in, cfg.vocab_size, cfg.bias["head"])
+        self.lm_head: nn.Module = (
+            TiedHead(cfg.head_in, cfg.hidden_size, cfg.vocab_size, cfg.bias["head"])
+            if tied
+            else linear(cfg.head_in, cfg.vocab_size, cfg.bias["head"])
+        )
         inv_freq = rope_inverse_frequencies(cfg.rope) if cfg.rope is not None else torch.empty(0)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (r/2,) float64
 
+    @property
+    def tied(self) -> bool:
+        return isinstance(self.lm_head, TiedHead)
+
     # ----- weights -----------------------------------------------------------------
+    def residual_matrices(self) -> dict[str, tuple[nn.Module, str, tuple[int, int]]]:
+        """Optional matrices on the residual path: checkpoint name -> (owner, attribute, shape); absent = identity."""
+        out: dict[str, tuple[nn.Module, str, tuple[int, int]]] = {}
+        if self.tied:
+            out["embed_proj"] = (self, "embed_proj", (self.config.hidden_size, self.config.embedding_width))
+        for i, layer in enumerate(self.layers):
+            for stage in layer.stages:
+                out[f"layers.{i}.{stage.shortcut_name}"] = (stage, "shortcut", (stage.d_in, stage.d_out))
+        return out
+
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The tensors of this model under their checkpoint names (see checkpoint.py)."""
         out: dict[str, torch.Tensor] = {}
         for name, p in self.named_parameters():
             out[checkpoint_name(name)] = p.data
-        for i, layer in enumerate(self.layers):
-            for stage in layer.stages:
-                if stage.shortcut is not None:
-                    out[f"layers.{i}.{stage.shortcut_name}"] = stage.shortcut
+        for name, (owner, attr, _) in self.residual_matrices().items():
+            if getattr(owner, attr) is not None:
+                out[name] = getattr(owner, attr)
         return out
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Assign checkpoint tensors (no copy), refusing missing, unexpected or mis-shaped ones."""
         expected = {checkpoint_name(n): p for n, p in self.named_parameters()}
-        shortcuts = {f"layers.{i}.{s.shortcut_name}": s for i, layer in enumerate(self.layers) for s in layer.stages}
+        optional = self.residual_matrices()
         problems = [f"missing tensor {n}" for n in expected if n not in tensors]
-        problems += [f"unexpected tensor {n}" for n in tensors if n not in expected and n not in shortcuts]
+        problems += [f"unexpected tensor {n}" for n in tensors if n not in expected and n not in optional]
         problems += [
             f"tensor {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}"
             for n, p in expected.items()
             if n in tensors and tensors[n].shape != p.shape
         ]
-        for n, s in shortcuts.items():
-            if n in tensors and tuple(tensors[n].shape) != (s.d_in, s.d_out):
-                problems.append(f"tensor {n} has shape {tuple(tensors[n].shape)}, expected {(s.d_in, s.d_out)}")
-            if n not in tensors and s.d_in != s.d_out:
+        for n, (_, _, shape) in optional.items():
+            if n in tensors and tuple(tensors[n].shape) != shape:
+                problems.append(f"tensor {n} has shape {tuple(tensors[n].shape)}, expected {shape}")
+            if n not in tensors and shape[0] != shape[1]:
                 problems.append(f"missing tensor {n}")
         if problems:
             raise ModelDefinitionError(f"checkpoint does not match its config: {'; '.join(problems[:5])}")
@@ -301,8 +343,8 @@ class SlicedModel(nn.Module):
             owner, attr = module_name.rsplit(".", 1)
             module = self.get_submodule(owner)
             setattr(module, attr, nn.Parameter(tensors[checkpoint_name(module_name)], requires_grad=False))
-        for n, s in shortcuts.items():
-            s.shortcut = tensors.get(n)
+        for n, (owner, attr, _) in optional.items():
+            setattr(owner, attr, tensors.get(n))
         self.inv_freq = self.inv_freq.to(self.embed_tokens.weight.device)
 
     # ----- forward -----------------------------------------------------------------
@@ -331,13 +373,16 @@ class SlicedModel(nn.Module):
         return AttentionContext(cos, sin, mask, cache), positions
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (B, T, d_0)
+        x = self.embed_tokens(input_ids)  # (B, T, d_0), or (B, T, D) when tied
+        if self.embed_proj is not None:
+            x = x @ self.embed_proj  # (B, T, d_0)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions + self.config.position_offset)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(rms_norm(x, self.config.hidden_size, self.config.norm_eps))
+        h = rms_norm(x, self.config.hidden_size, self.config.norm_eps)  # (B, T, head_in)
+        return self.lm_head(h, self.embed_tokens.weight) if self.tied else self.lm_head(h)
 
     def forward(
         self,

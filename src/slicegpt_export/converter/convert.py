@@ -14,17 +14,37 @@ import torch
 from tqdm.auto import tqdm
 
 from slicegpt_export.atomic import atomic_directory
-from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, build_checked, parameter_count, save_checkpoint
+from slicegpt_export.checkpoint import (
+    GGUF_METADATA_NAME,
+    SlicedConfig,
+    build_checked,
+    parameter_count,
+    save_checkpoint,
+    save_spectra,
+    size_summary,
+    weight_macs_per_token,
+)  # fmt: skip
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
+from slicegpt_export.converter.budget import ALLOCATIONS, spectrum_plan, uniform_plan
 from slicegpt_export.converter.calibration import calibration_ids
 from slicegpt_export.converter.fusion import fuse_norms
-from slicegpt_export.converter.slicing import CalibrationBatch, rotate_and_slice, sliced_width
+from slicegpt_export.converter.slicing import (
+    ROTATIONS,
+    CalibrationBatch,
+    dense_spectra,
+    rotate_and_slice,
+    sliced_width,
+    uniform_widths,
+)  # fmt: skip
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import SlicedModel, generate
 from slicegpt_export.sources.models import SourceModel, load_source
 
 logger = logging.getLogger(__name__)
+
+#: rotation scheme of budget slicing (measured in bench/pareto.py: one shortcut per block is smaller at equal quality)
+DEFAULT_BUDGET_ROTATION = "block"
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -33,7 +53,7 @@ def check_sparsity(sparsity: float) -> None:
 
 
 def canonical_tensors(adapter: FamilyAdapter, source: SourceModel, num_layers: int) -> dict[str, torch.Tensor]:
-    """Source tensors renamed to the canonical names; a tied head becomes its own copy of the embedding."""
+    """Source tensors renamed to the canonical names (a tied head stays the embedding: no lm_head.weight)."""
     names = dict(adapter.global_tensor_names())
     for i in range(num_layers):
         names.update({c.format(i=i): s.format(i=i) for c, s in adapter.layer_tensor_names().items()})
@@ -44,8 +64,6 @@ def canonical_tensors(adapter: FamilyAdapter, source: SourceModel, num_layers: i
     if source.tensors:
         logger.info("ignoring %d source tensors the family does not use (e.g. %s)", len(source.tensors), next(iter(source.tensors)))
         source.tensors.clear()
-    if "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"].clone()  # untie before fusion
     return tensors
 
 
@@ -53,11 +71,20 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     """The source as a reference model with every norm folded away (dense widths, no shortcuts).
 
     The source's tensors move into the model (``source.tensors`` is emptied), so host memory
-    holds one copy of the weights.
+    holds one copy of the weights.  A tied source stays tied: its head starts as proj = I (D x D)
+    beside the one embedding matrix.  ``cfg.size`` records the dense model's stored parameters
+    (the tied matrix once) and weight multiply-accumulates per token.
     """
     adapter = adapter_for(source.hf_config)
     cfg = adapter.dense_config()
+    cfg.tied_embeddings = adapter.tied_embeddings
     tensors = canonical_tensors(adapter, source, cfg.num_layers)
+    cfg.size = {
+        "dense_parameters": parameter_count(tensors),
+        "dense_macs_per_token": weight_macs_per_token(tensors, tied_embeddings=cfg.tied_embeddings),
+    }
+    if cfg.tied_embeddings:
+        tensors["lm_head.proj"] = torch.eye(cfg.hidden_size, dtype=tensors["embed_tokens.weight"].dtype)
     norm_names = [n for n in tensors if "norm" in n.split(".")[-2]]
     norms = {n: tensors.pop(n) for n in norm_names}
     model = build_checked(cfg, tensors)
@@ -90,45 +117,89 @@ class SliceSummary:
     out: Path | None
 
 
+def check_target(target_params: float | None, sparsity: float) -> None:
+    if target_params is None:
+        return
+    if not 0.0 < target_params < 1.0:
+        raise SliceGPTError(f"--target-params must be in (0, 1), got {target_params}")
+    if sparsity:
+        raise SliceGPTError("give either --sparsity (the paper's slicing fraction) or --target-params (a budget), not both")
+
+
+def plan_widths(
+    model: SlicedModel,
+    cfg: SlicedConfig,
+    batches: list[CalibrationBatch],
+    *,
+    sparsity: float,
+    target_params: float | None,
+    rotation: str,
+    allocation: str,
+    round_to: int,
+    slice_head: bool,
+    device: torch.device,
+) -> list[int]:
+    """One width per residual signal: the paper's uniform width for `sparsity`, or a plan within the budget."""
+    D = cfg.hidden_size
+    if target_params is None:
+        width = sliced_width(D, sparsity, round_to)
+        return uniform_widths(model, rotation, width, width if slice_head else D)
+    budget = int(target_params * cfg.size["dense_parameters"])
+    if allocation == "uniform":
+        return uniform_plan(cfg, rotation, budget, round_to=round_to, slice_head=slice_head)
+    if allocation == "spectrum":
+        spectra = dense_spectra(model, batches, rotation=rotation, device=device)
+        return spectrum_plan(cfg, spectra, rotation, budget, round_to=round_to, slice_head=slice_head)
+    raise SliceGPTError(f"unknown --allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
+
+
 def slice_fused(
     model: SlicedModel,
     cfg: SlicedConfig,
     calib: torch.Tensor,
     *,
-    sparsity: float,
+    sparsity: float = 0.0,
+    target_params: float | None = None,
+    rotation: str | None = None,
+    allocation: str = "uniform",
     round_to: int = 8,
     slice_head: bool = False,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     batch_size: int = 8,
     progress: bool = False,
     rotate: bool = True,
 ) -> dict[str, list[float]]:
     """Rotate and slice a fused model in place on the calibration windows `calib` (n, T).
 
-    Records the widths and sparsity in `cfg`; returns the eigenvalues of every PCA.  With
-    rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no shortcuts,
-    the plain dense model in the sliced-checkpoint format.
+    Widths: the paper's ``sparsity`` (every signal int((1 - s) D) rounded down), or a stored-
+    parameter budget ``target_params`` x dense with an allocation.  ``rotation`` (see
+    slicing.py) defaults to the paper's per-stage bases for ``sparsity`` and to one basis per
+    block for budgets.  Records widths and choices in `cfg`; returns the eigenvalues of every
+    PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
+    shortcuts, the plain dense model in the sliced-checkpoint format.
     """
     check_sparsity(sparsity)
+    check_target(target_params, sparsity)
+    device = device if device is not None else torch.device("cpu")
     if not rotate:
-        if sparsity != 0 or slice_head:
-            raise SliceGPTError("--no-rotate keeps the dense model: it needs --sparsity 0 and no --slice-head")
-        cfg.sparsity, cfg.round_to = 0.0, round_to
+        if sparsity != 0 or slice_head or target_params is not None:
+            raise SliceGPTError("--no-rotate keeps the dense model: it needs --sparsity 0, no --target-params and no --slice-head")
+        cfg.sparsity, cfg.round_to, cfg.slicing = 0.0, round_to, {"rotation": "none"}
         return {}
-    D = cfg.hidden_size
-    width = sliced_width(D, sparsity, round_to)
+    rotation = rotation or ("stage" if target_params is None else DEFAULT_BUDGET_ROTATION)
+    if rotation not in ROTATIONS:
+        raise SliceGPTError(f"unknown --rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
+    batches = calibration_batches(calib, batch_size, device)
+    widths = plan_widths(model, cfg, batches, sparsity=sparsity, target_params=target_params, rotation=rotation,
+                         allocation=allocation, round_to=round_to, slice_head=slice_head, device=device)  # fmt: skip
     bar = tqdm(total=cfg.num_layers, desc="slicing layers", unit="layer", disable=not progress)
-    result = rotate_and_slice(
-        model,
-        calibration_batches(calib, batch_size, device),
-        width=width,
-        head_width=width if slice_head else D,
-        device=device,
-        on_layer=lambda i: bar.update(1),
-    )
+    result = rotate_and_slice(model, batches, widths=widths, rotation=rotation, device=device, on_layer=lambda i: bar.update(1))
     bar.close()
     cfg.embedding_width, cfg.layers, cfg.head_in = result.embedding_width, result.layers, result.head_in
-    cfg.sparsity, cfg.round_to = sparsity, round_to
+    cfg.sparsity = sparsity if target_params is None else 1 - sum(widths[:-1]) / (len(widths) - 1) / cfg.hidden_size
+    cfg.round_to = round_to
+    cfg.slicing = {"rotation": rotation, "target_params": target_params,
+                   "allocation": allocation if target_params is not None else "uniform"}  # fmt: skip
     return result.eigenvalues
 
 
@@ -143,7 +214,10 @@ def slice_checkpoint(
     *,
     model: str | Path | None,
     out: Path,
-    sparsity: float,
+    sparsity: float = 0.0,
+    target_params: float | None = None,
+    rotation: str | None = None,
+    allocation: str = "uniform",
     round_to: int = 8,
     slice_head: bool = False,
     calib: str | None = None,
@@ -157,15 +231,15 @@ def slice_checkpoint(
     progress: bool = True,
     rotate: bool = True,
 ) -> SliceSummary:
-    """Slice `model` and write a sliced checkpoint folder to `out` atomically."""
+    """Slice `model` and write a sliced checkpoint folder to `out` atomically (options as slice_fused)."""
     check_sparsity(sparsity)
+    check_target(target_params, sparsity)
     if round_to < 1:
         raise SliceGPTError(f"--round-to must be a positive integer, got {round_to}")
     dev = resolve_device(device)
     start = time.perf_counter()
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         source = load_source(model, dtype=dtype)
-        params_before = parameter_count(source.tensors)
         fused, cfg, _ = fused_model(source)
         bos = getattr(source.tokenizer, "bos_token_id", None)
         ids, calib_origin = calibration_ids(
@@ -182,6 +256,9 @@ def slice_checkpoint(
             cfg,
             ids,
             sparsity=sparsity,
+            target_params=target_params,
+            rotation=rotation,
+            allocation=allocation,
             round_to=round_to,
             slice_head=slice_head,
             device=dev,
@@ -189,7 +266,7 @@ def slice_checkpoint(
             progress=progress,
             rotate=rotate,
         )
-        cfg.source_model, cfg.dense_parameters = source.origin, params_before
+        cfg.source_model = source.origin
         cfg.calibration = {
             "source": calib_origin,
             "samples": int(ids.shape[0]),
@@ -199,13 +276,13 @@ def slice_checkpoint(
             "dtype": str(dtype).removeprefix("torch."),
         }
         tensors = fused.named_weights()
+        cfg.size = size_summary(tensors, cfg, dense_parameters=cfg.size["dense_parameters"], dense_macs=cfg.size["dense_macs_per_token"])
         save_checkpoint(tmp, tensors=tensors, config=cfg, base_config=source.hf_config)
-        torch.save({k: torch.tensor(v) for k, v in eigenvalues.items()}, tmp / "eigenvalues.pt")
+        save_spectra(tmp, eigenvalues)
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(str(tmp))
         if source.gguf_metadata:
             (tmp / GGUF_METADATA_NAME).write_text(json.dumps(source.gguf_metadata))
-        params_after = parameter_count(tensors)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return SliceSummary(cfg, params_before, params_after, seconds, peak, Path(out))
+    return SliceSummary(cfg, cfg.size["dense_parameters"], cfg.size["parameters"], seconds, peak, Path(out))

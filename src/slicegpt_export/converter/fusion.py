@@ -5,7 +5,9 @@ W (out x D):  W N(x) = (W diag(g)) x / rms(x) + W b.  So g is folded into W's co
 W's bias.  A LayerNorm also subtracts the mean of x; that is removed by making every signal
 written to the residual mean-free (the paper's matrix M = I - 1 1^T / D applied to the
 embeddings and to the rows of every output linear), after which LayerNorm == RMSNorm.
-RMSNorm families get no mean subtraction: it would change the function.
+RMSNorm families get no mean subtraction: it would change the function.  A tied embedding
+matrix E stays as it is (the head reads it too): the embedding's centering and the final
+norm's scale go into the small matrices beside it (``embed_proj``, the tied head's ``proj``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from slicegpt_export.converter.adapters.base import ATTN_NORM, FINAL_NORM, MLP_NORM
-from slicegpt_export.modeling import SlicedModel
+from slicegpt_export.modeling import SlicedModel, TiedHead
 
 STAGE_NORMS = (ATTN_NORM, MLP_NORM)  # norm read by a block's first and second residual stage
 
@@ -45,10 +47,32 @@ def center_output_linear(lin: nn.Linear) -> None:
         lin.bias.data = (b - b.mean()).to(lin.bias.dtype)
 
 
+def fold_norm_into_tied_head(head: TiedHead, embedding: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The final norm g x + b read by logits = (x @ proj) E^T: proj <- diag(g) proj, b_head <- b_head + (b @ proj) E^T."""
+    proj = head.proj.data  # (D, D) before rotation
+    if bias is not None:
+        shift = embedding.double() @ (bias.double() @ proj.double())  # (vocab,)
+        new_bias = shift if head.bias is None else head.bias.data.double() + shift
+        head.bias = nn.Parameter(new_bias.to(proj.dtype), requires_grad=False)
+    proj.mul_(weight.to(proj.dtype)[:, None])
+
+
+def centering_matrix(width: int, dtype: torch.dtype) -> torch.Tensor:
+    """M = I - 1 1^T / D: x @ M subtracts the mean of x's coordinates.  (D, D)"""
+    return (torch.eye(width, dtype=torch.float64) - 1.0 / width).to(dtype)
+
+
 def fuse_norms(model: SlicedModel, norms: dict[str, torch.Tensor], *, norm_kind: str) -> None:
-    """Fold the source's norm parameters (canonical names, see adapters.base) into `model` in place."""
+    """Fold the source's norm parameters (canonical names, see adapters.base) into `model` in place.
+
+    A tied embedding E is read by the head too, so it is never modified: its centering goes
+    into ``embed_proj`` (= M) and the final norm into the tied head's ``proj``.
+    """
     if norm_kind == "layer":
-        model.embed_tokens.weight.data = center_rows(model.embed_tokens.weight.data)
+        if model.tied:
+            model.embed_proj = centering_matrix(model.config.hidden_size, model.embed_tokens.weight.dtype)
+        else:
+            model.embed_tokens.weight.data = center_rows(model.embed_tokens.weight.data)
         if model.embed_positions is not None:
             model.embed_positions.weight.data = center_rows(model.embed_positions.weight.data)
         for layer in model.layers:
@@ -61,4 +85,8 @@ def fuse_norms(model: SlicedModel, norms: dict[str, torch.Tensor], *, norm_kind:
         for stage, norm_name in zip(layer.stages, STAGE_NORMS):
             name = norm_name.format(i=i)
             fold_norm(stage.input_linears(), norms[f"{name}.weight"], norms.get(f"{name}.bias"))
-    fold_norm([model.lm_head], norms[f"{FINAL_NORM}.weight"], norms.get(f"{FINAL_NORM}.bias"))
+    final_weight, final_bias = norms[f"{FINAL_NORM}.weight"], norms.get(f"{FINAL_NORM}.bias")
+    if model.tied:
+        fold_norm_into_tied_head(model.lm_head, model.embed_tokens.weight.data, final_weight, final_bias)
+    else:
+        fold_norm([model.lm_head], final_weight, final_bias)

@@ -12,6 +12,15 @@ d_in principal directions of that signal).  For each stage:
 
 A sequential block has two stages (attention, MLP), a parallel block one, so one loop serves
 both.  The head reads the last basis: W_head <- W_head Q_last.
+
+Two rotation schemes decide which stage outputs get a basis of their own:
+
+* ``stage`` (the paper): every stage output, so a sequential block carries two shortcuts;
+* ``block``: one basis per block.  The attention stage writes back into the basis it read
+  (Q_out = Q_in, a shortcut equal to the identity, not stored), so a sequential block carries
+  one shortcut.  That basis serves two signals, the block input X and the mid-block residual
+  X + attn(X), so its PCA runs on both: C = X^T X + Z^T Z with Z computed by the block's
+  (not yet rotated) attention on the unsliced X.
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ from torch import nn
 
 from slicegpt_export.checkpoint import LayerWidths
 from slicegpt_export.converter.pca import CovarianceAccumulator, principal_components
-from slicegpt_export.modeling import AttentionContext, SlicedModel
+from slicegpt_export.modeling import AttentionContext, ResidualStage, SlicedModel
 
 logger = logging.getLogger(__name__)
+
+ROTATIONS = ("stage", "block")
 
 
 def sliced_width(hidden_size: int, sparsity: float, round_to: int) -> int:
@@ -35,6 +46,28 @@ def sliced_width(hidden_size: int, sparsity: float, round_to: int) -> int:
     d = int((1 - sparsity) * hidden_size)
     d -= d % round_to
     return max(d, min(round_to, hidden_size))
+
+
+def rotated_stages(model: SlicedModel, rotation: str) -> list[tuple[int, int]]:
+    """(layer, stage) of every stage whose output gets its own basis, in order; the last one feeds the head."""
+    if rotation not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
+    out = []
+    for i, layer in enumerate(model.layers):
+        stages = range(len(layer.stages)) if rotation == "stage" else [len(layer.stages) - 1]
+        out += [(i, j) for j in stages]
+    return out
+
+
+def signal_names(model: SlicedModel, rotation: str) -> list[str]:
+    """Names of the residual signals that get a basis: 'embedding', then 'layers.N.<shortcut name>' per rotated stage."""
+    return ["embedding"] + [f"layers.{i}.{model.layers[i].stages[j].shortcut_name}" for i, j in rotated_stages(model, rotation)]
+
+
+def uniform_widths(model: SlicedModel, rotation: str, width: int, head_width: int) -> list[int]:
+    """The paper's widths: every signal `width`, the one feeding the head `head_width`."""
+    n = len(signal_names(model, rotation))
+    return [width] * (n - 1) + [head_width]
 
 
 @dataclasses.dataclass
@@ -66,11 +99,92 @@ def rotate_outputs(linears: list[nn.Linear], basis: torch.Tensor) -> None:
             lin.bias.data = (basis.T @ lin.bias.data.double()).to(lin.bias.dtype)
 
 
-def pca_of(signals: list[torch.Tensor], batches: list[CalibrationBatch]) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = CovarianceAccumulator(signals[0].shape[-1], signals[0].device)
-    for y, batch in zip(signals, batches):
-        acc.add(y, batch.mask)
-    return principal_components(acc.cov)
+def rotate_embeddings(model: SlicedModel, basis: torch.Tensor) -> None:
+    """Embedding outputs into the first basis Q_0 (D x d_0): E <- E Q_0, or embed_proj <- embed_proj Q_0 when tied."""
+    dtype = model.embed_tokens.weight.dtype
+    if model.tied:
+        start = model.embed_proj.double() if model.embed_proj is not None else torch.eye(basis.shape[0], dtype=torch.float64)
+        model.embed_proj = (start @ basis).to(dtype)  # (D, d_0)
+    else:
+        model.embed_tokens.weight.data = (model.embed_tokens.weight.data.double() @ basis).to(dtype)
+    if model.embed_positions is not None:
+        model.embed_positions.weight.data = (model.embed_positions.weight.data.double() @ basis).to(dtype)
+
+
+def rotate_head_input(model: SlicedModel, basis: torch.Tensor) -> None:
+    """The head reads the last basis Q_L (D x d_L): W <- W Q_L, or a tied head's proj <- Q_L^T proj."""
+    if model.tied:
+        proj = model.lm_head.proj
+        proj.data = (basis.T @ proj.data.double()).to(proj.dtype)  # (d_L, D)
+    else:
+        rotate_inputs([model.lm_head], basis)
+
+
+def covariance(signal_batches: list[list[torch.Tensor]], batches: list[CalibrationBatch]) -> torch.Tensor:
+    """sum over signals and batches of X^T X (padding rows excluded); (D, D) float64."""
+    acc = CovarianceAccumulator(signal_batches[0][0].shape[-1], signal_batches[0][0].device)
+    for signals in signal_batches:
+        for y, batch in zip(signals, batches):
+            acc.add(y, batch.mask)
+    return acc.cov
+
+
+def mid_block_preview(stage: ResidualStage, ys: list[torch.Tensor], batches: list[CalibrationBatch]) -> list[torch.Tensor]:
+    """Z = Y + attn(Y): the mid-block residual of a block whose attention stage is still unrotated.  Each (B, T, D)."""
+    return [stage(y, b.ctx) for y, b in zip(ys, batches)]
+
+
+@torch.no_grad()
+def dense_spectra(model: SlicedModel, batches: list[CalibrationBatch], *, rotation: str, device: torch.device) -> list[torch.Tensor]:
+    """Eigenvalues (descending) of every signal of :func:`signal_names` in the fused, unsliced model.
+
+    One forward over the calibration batches, layer by layer on `device`, with the same
+    covariances the slicing pass takes (block rotation: input plus mid-block signal); budgets
+    are planned from these spectra before anything is sliced.
+    """
+    rotated = set(rotated_stages(model, rotation))
+    xs = embed_on_device(model, batches, device)
+    spectra = []
+
+    def spectrum(ys: list[torch.Tensor], next_layer: int) -> torch.Tensor:
+        signals = [ys]
+        if rotation == "block" and next_layer < len(model.layers) and len(model.layers[next_layer].stages) > 1:
+            stage = model.layers[next_layer].stages[0].to(device)
+            signals.append(mid_block_preview(stage, ys, batches))
+            stage.to("cpu")
+        return principal_components(covariance(signals, batches))[0].cpu()
+
+    spectra.append(spectrum(xs, 0))
+    for i, layer in enumerate(model.layers):
+        layer.to(device)
+        for j, stage in enumerate(layer.stages):
+            xs = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)
+            if (i, j) in rotated:
+                spectra.append(spectrum(xs, i + 1))
+        layer.to("cpu")
+    return spectra
+
+
+def embed_on_device(model: SlicedModel, batches: list[CalibrationBatch], device: torch.device) -> list[torch.Tensor]:
+    """The embedding output of every batch, computed on `device` (each batch's attention context set on the way)."""
+    dtype = model.embed_tokens.weight.dtype
+    embeddings = [m for m in (model.embed_tokens, model.embed_positions) if m is not None]
+    for m in embeddings:
+        m.to(device)
+    proj = model.embed_proj
+    if proj is not None:
+        model.embed_proj = proj.to(device)
+    model.inv_freq = model.inv_freq.to(device)
+    xs = []
+    for b in batches:
+        b.ctx, positions = model.attention_context(b.mask, b.ids.shape[1], None, device, dtype)
+        xs.append(model.embed(b.ids, positions))  # (B, T, d_emb)
+    for m in embeddings:
+        m.to("cpu")
+    if proj is not None:
+        model.embed_proj = proj
+    model.inv_freq = model.inv_freq.cpu()
+    return xs
 
 
 @torch.no_grad()
@@ -78,59 +192,64 @@ def rotate_and_slice(
     model: SlicedModel,
     batches: list[CalibrationBatch],
     *,
-    width: int,
-    head_width: int,
+    widths: list[int],
     device: torch.device,
+    rotation: str = "stage",
     on_layer: Callable[[int], None] | None = None,
 ) -> SlicingResult:
-    """Rotate and slice a fused model in place; every stage output gets `width`, the last one `head_width`.
+    """Rotate and slice a fused model in place; `widths` has one width per signal of :func:`signal_names`.
 
     Weights move to `device` one layer at a time; the calibration activations stay there.
     """
+    rotated = set(rotated_stages(model, rotation))
+    if len(widths) != len(rotated) + 1:
+        raise ValueError(f"{len(widths)} widths for {len(rotated) + 1} signals")
     dtype = model.embed_tokens.weight.dtype
     eigenvalues: dict[str, list[float]] = {}
-    embeddings = [m for m in (model.embed_tokens, model.embed_positions) if m is not None]
-    for m in embeddings:
-        m.to(device)
-    model.inv_freq = model.inv_freq.to(device)
-    xs = []
-    for b in batches:
-        b.ctx, positions = model.attention_context(b.mask, b.ids.shape[1], None, device, dtype)
-        xs.append(model.embed(b.ids, positions))  # (B, T, D)
-    eig, Q = pca_of(xs, batches)
-    eigenvalues["embedding"] = eig.tolist()
-    basis = Q[:, :width]  # (D, d_0) float64
-    for m in embeddings:
-        m.weight.data = (m.weight.data.double() @ basis).to(dtype)
-        m.to("cpu")
+    next_width = iter(widths)
+    xs = embed_on_device(model, batches, device)  # (B, T, D) each
+
+    def basis_for(name: str, ys: list[torch.Tensor], next_layer: int) -> torch.Tensor:
+        """The first columns of the PCA of the signal `ys` (plus the next block's mid signal with block rotation)."""
+        signals = [ys]
+        preview = rotation == "block" and next_layer < len(model.layers) and len(model.layers[next_layer].stages) > 1
+        if preview:
+            stage = model.layers[next_layer].stages[0].to(device)
+            signals.append(mid_block_preview(stage, ys, batches))
+            stage.to("cpu")
+        eig, Q = principal_components(covariance(signals, batches))
+        eigenvalues[name] = eig.tolist()
+        return Q[:, : next(next_width)]  # (D, d) float64
+
+    basis = basis_for("embedding", xs, 0)
+    rotate_embeddings(model, basis.cpu())
     xs = [x @ basis.to(dtype) for x in xs]  # (B, T, d_0)
 
-    widths: list[LayerWidths] = []
-    last = len(model.layers) - 1
+    layer_widths: list[LayerWidths] = []
     for i, layer in enumerate(model.layers):
         layer.to(device)
         stage_widths: list[tuple[int, int]] = []
         for j, stage in enumerate(layer.stages):
             d_in = basis.shape[1]
-            d_out = head_width if (i == last and j == len(layer.stages) - 1) else width
             rotate_inputs(stage.input_linears(), basis)
-            stage.shortcut = basis.T.to(dtype)  # (d_in, D): back to the original basis
-            ys = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)
-            eig, Q = pca_of(ys, batches)
-            eigenvalues[f"layers.{i}.{stage.shortcut_name}"] = eig.tolist()
-            out_basis = Q[:, :d_out]  # (D, d_out)
-            stage.shortcut = (basis.T @ out_basis).to(dtype)  # (d_in, d_out)
-            stage.d_in, stage.d_out = d_in, d_out
-            rotate_outputs(stage.output_linears(), out_basis)
-            xs = [y @ out_basis.to(dtype) for y in ys]  # (B, T, d_out)
-            basis = out_basis
-            stage_widths.append((d_in, d_out))
+            if (i, j) in rotated:
+                stage.shortcut = basis.T.to(dtype)  # (d_in, D): back to the original basis
+                ys = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)
+                out_basis = basis_for(f"layers.{i}.{stage.shortcut_name}", ys, i + 1)  # (D, d_out)
+                stage.shortcut = (basis.T @ out_basis).to(dtype)  # (d_in, d_out)
+                rotate_outputs(stage.output_linears(), out_basis)
+                xs = [y @ out_basis.to(dtype) for y in ys]  # (B, T, d_out)
+                basis = out_basis
+            else:  # the stage writes back into the basis it read: identity shortcut, not stored
+                stage.shortcut = None
+                rotate_outputs(stage.output_linears(), basis)
+                xs = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, d_in)
+            stage.d_in, stage.d_out = d_in, basis.shape[1]
+            stage_widths.append((stage.d_in, stage.d_out))
         layer.to("cpu")
         (a_in, a_out), (m_in, m_out) = stage_widths[0], stage_widths[-1]
-        widths.append(LayerWidths(attn_in=a_in, attn_out=a_out, mlp_in=m_in, mlp_out=m_out))
+        layer_widths.append(LayerWidths(attn_in=a_in, attn_out=a_out, mlp_in=m_in, mlp_out=m_out))
         if on_layer is not None:
             on_layer(i)
-    rotate_inputs([model.lm_head], basis.to(model.lm_head.weight.device))
-    model.inv_freq = model.inv_freq.cpu()
-    embedding_width = model.embed_tokens.weight.shape[1]
-    return SlicingResult(embedding_width, widths, basis.shape[1], eigenvalues)
+    rotate_head_input(model, basis.cpu())
+    return SlicingResult(widths[0], layer_widths, basis.shape[1], eigenvalues)

@@ -21,6 +21,7 @@ from slicegpt_export import gguf_spec as spec
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.exporters.padding import pad_residual_widths
 from slicegpt_export.modeling import rope_frequency_divisors, rope_scaling_kind
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
     for k, s in [(spec.BLOCK_KIND, cfg.block_kind), (spec.ACTIVATION, cfg.activation), (spec.POSITION_EMBEDDING, cfg.position_embedding)]:
         w.add_string(k, s)
     w.add_bool(spec.GATED_MLP, cfg.gated_mlp)
+    w.add_bool(spec.TIED_EMBEDDINGS, cfg.tied_embeddings)
     for k, flag in [(spec.BIAS_QKV, "qkv"), (spec.BIAS_ATTN_OUT, "attn_out"), (spec.BIAS_MLP, "mlp"), (spec.BIAS_HEAD, "head")]:
         w.add_bool(k, cfg.bias[flag])
     for k, field in [(spec.WIDTH_ATTN_IN, "attn_in"), (spec.WIDTH_ATTN_OUT, "attn_out"), (spec.WIDTH_MLP_IN, "mlp_in"), (spec.WIDTH_MLP_OUT, "mlp_out")]:
@@ -171,6 +173,8 @@ def add_general(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig, file_ty
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+#: block-quantized types: residual widths are zero-padded to their block (exporters/padding.py), exactly
+BLOCK_TYPES = (Q.Q8_0, Q.Q4_0)
 #: block-quantized file types keep these tensors at a higher precision (see the spec): the shortcuts add their
 #: rounding error to the whole residual stream at every block (SmolLM2 at 0.25, --round-to 32: q4_0 shortcuts take
 #: perplexity from 50.8 to 1698, q8_0 shortcuts to 53.0), and a 4-bit head is the usual weak spot of q4 files.
@@ -204,12 +208,8 @@ def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, shortcut_qtype: Q | N
 
 
 def gguf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors under their GGUF names, shortcuts transposed to the linear layout (d_out, d_in)."""
-    out = {}
-    for name, t in tensors.items():
-        is_shortcut = name.rsplit(".", 1)[-1] in ("attn_shortcut", "mlp_shortcut")
-        out[spec.gguf_name(name)] = t.T if is_shortcut else t
-    return out
+    """Checkpoint tensors under their GGUF names, right-multiplied matrices transposed to the linear layout (d_out, d_in)."""
+    return {spec.gguf_name(name): t.T if spec.is_right_multiplied(name) else t for name, t in tensors.items()}
 
 
 def export_gguf(
@@ -228,10 +228,13 @@ def export_gguf(
     checkpoint = Path(checkpoint)
     cfg, _ = read_config(checkpoint)
     tensors = read_tensors(checkpoint)
+    n_params = parameter_count(tensors)
+    if qtype in BLOCK_TYPES:
+        cfg, tensors = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0])
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         path = tmp / gguf_file_name(gguf_type)
         w = SliceGPTWriter(str(path), spec.ARCH)
-        add_general(w, checkpoint, cfg, file_type, parameter_count(tensors))
+        add_general(w, checkpoint, cfg, file_type, n_params)
         add_hyperparameters(w, cfg)
         add_tokenizer(w, checkpoint, cfg)
         named = gguf_tensors(tensors)

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.exporters.padding import pad_residual_widths
 from slicegpt_export.modeling import rope_inverse_frequencies
 from slicegpt_export.onnx_spec import (
     ATTENTION_MASK,
@@ -52,6 +53,8 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights g
 PRECISIONS = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}
 QUANTIZATIONS = {"int8": 8, "int4": 4}
 QUANT_BLOCK_SIZE = 32
+#: MatMul nodes on the residual path, kept fp32 by quantization
+RESIDUAL_PATH_NODES = ("_shortcut", "embed_proj", "lm_head/proj")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")  # fmt: skip
 
@@ -127,9 +130,23 @@ class DecoderGraph:
             num_heads=heads, rotary_embedding_dim=self.cfg.rope.dim, interleaved=0,
         )  # fmt: skip
 
+    def packed_linear(self, x: str, names: list[str], packed: str) -> list[str]:
+        """Linears reading the same input as one MatMul (weights concatenated along the output), then a Split.
+
+        One product instead of several: at batch 1 a decode step is bound by per-node overhead.
+        """
+        weights = [self.tensors[f"{n}.weight"] for n in names]  # each (out_k, in)
+        w = self.g.weight(f"{packed}.weight", torch.cat(weights).T)  # (in, sum out_k)
+        y = self.g.op("MatMul", [x, w], name=f"{packed}/MatMul")
+        if f"{names[0]}.bias" in self.tensors:
+            bias = torch.cat([self.tensors[f"{n}.bias"] for n in names])
+            y = self.g.op("Add", [y, self.g.weight(f"{packed}.bias", bias)], name=f"{packed}/Add")
+        sizes = self.g.const_i64(f"{packed}.split", [t.shape[0] for t in weights])
+        return self.g.op("Split", [y, sizes], name=f"{packed}/Split", outputs=len(names), axis=-1)
+
     def attention(self, i: int, h: str, mask: str) -> str:
         cfg, p = self.cfg, f"layers.{i}."
-        q, k, v = (self.linear(h, p + proj) for proj in ("q_proj", "k_proj", "v_proj"))  # (B, T, heads * hd)
+        q, k, v = self.packed_linear(h, [p + proj for proj in ("q_proj", "k_proj", "v_proj")], p + "qkv_proj")  # (B, T, heads * hd)
         if cfg.rope is not None:
             q, k = self.rope(q, cfg.num_heads, p + "q_rotary"), self.rope(k, cfg.num_kv_heads, p + "k_rotary")
         y = self.g.op(
@@ -141,11 +158,11 @@ class DecoderGraph:
 
     def mlp(self, i: int, h: str) -> str:
         p = f"layers.{i}."
-        up = self.linear(h, p + "up_proj")
         if self.cfg.gated_mlp:
-            hidden = self.g.op("Mul", [self.activation(self.linear(h, p + "gate_proj"), p + "act"), up], name=p + "gate_mul")
+            gate, up = self.packed_linear(h, [p + "gate_proj", p + "up_proj"], p + "gate_up_proj")
+            hidden = self.g.op("Mul", [self.activation(gate, p + "act"), up], name=p + "gate_mul")
         else:
-            hidden = self.activation(up, p + "act")
+            hidden = self.activation(self.linear(h, p + "up_proj"), p + "act")
         return self.linear(hidden, p + "down_proj")
 
     def shortcut(self, x: str, i: int, kind: str) -> str:
@@ -187,6 +204,8 @@ class DecoderGraph:
     def build(self) -> onnx.ModelProto:
         cfg, g = self.cfg, self.g
         x = g.op("Gather", [g.weight("embed_tokens.weight", self.tensors["embed_tokens.weight"]), INPUT_IDS], name="embed_tokens")
+        if "embed_proj" in self.tensors:  # tied: (B, T, D) -> (B, T, d_emb)
+            x = g.op("MatMul", [x, g.weight("embed_proj", self.tensors["embed_proj"])], name="embed_proj")
         if cfg.position_embedding == "learned":
             rows = g.op("Add", [POSITION_IDS, g.const_i64("embed_positions.offset", [cfg.position_offset])], name="/positions/offset")
             pos = g.op("Gather", [g.weight("embed_positions.weight", self.tensors["embed_positions.weight"]), rows], name="embed_positions")
@@ -211,9 +230,25 @@ class DecoderGraph:
                 mlp = self.mlp(i, self.norm(x, w.mlp_in, p + "mlp_norm"))
                 x = g.op("Add", [self.shortcut(x, i, "mlp_shortcut"), mlp], name=p + "mlp_residual")
         g.annotate(x, ["batch_size", "sequence_length", cfg.head_in])
-        logits = self.linear(self.norm(x, cfg.head_in, "final_norm"), "lm_head")
-        g.op("Identity", [logits], name="logits", outputs=[LOGITS])
+        h = self.norm(x, cfg.head_in, "final_norm")
+        if cfg.tied_embeddings:
+            self.tied_head(h)
+        else:
+            g.op("Identity", [self.linear(h, "lm_head")], name="logits", outputs=[LOGITS])
         return self.model()
+
+    def tied_head(self, h: str) -> None:
+        """logits = (h @ proj) E^T + b, with the one embedding initializer E (vocab, D) read by a Gemm (transB=1)."""
+        cfg, g = self.cfg, self.g
+        y = g.op("MatMul", [h, g.weight("lm_head.proj", self.tensors["lm_head.proj"])], name="lm_head/proj")  # (B, T, D)
+        rows = g.op("Reshape", [y, g.const_i64("lm_head.rows", [-1, cfg.hidden_size])], name="lm_head/rows")  # (B*T, D)
+        inputs = [rows, "embed_tokens.weight"]
+        if "lm_head.bias" in self.tensors:
+            inputs.append(g.weight("lm_head.bias", self.tensors["lm_head.bias"]))
+        flat = g.op("Gemm", inputs, name="lm_head/Gemm", transB=1)  # (B*T, vocab)
+        shape = g.op("Concat", [g.op("Shape", [INPUT_IDS], name="lm_head/bt"), g.const_i64("lm_head.vocab", [cfg.vocab_size])],
+                     name="lm_head/shape", axis=0)  # fmt: skip
+        g.op("Reshape", [flat, shape], name="logits", outputs=[LOGITS])
 
     def model(self) -> onnx.ModelProto:
         cfg, g = self.cfg, self.g
@@ -243,14 +278,16 @@ def build_onnx_model(cfg: SlicedConfig, tensors: dict[str, torch.Tensor], *, pre
 def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     """Weight-only MatMulNBits quantization (symmetric, blocks of 32, fp32 activations) through ONNX Runtime's quantizer.
 
-    The residual projections (shortcut MatMuls) stay fp32: their rounding error is added to
-    the whole residual stream at every block (measured on SmolLM2 at 0.25, int8 with
-    quantized shortcuts: +4.4% perplexity, with fp32 shortcuts: +0.8%; int4 with quantized
-    shortcuts is unusable).  With int4 the head is quantized to 8 bits.
+    The residual projections (shortcut MatMuls, and a tied model's embedding and head
+    projections) stay fp32: their rounding error is added to the whole residual stream at every
+    block (measured on SmolLM2 at 0.25, int8 with quantized shortcuts: +4.4% perplexity, with
+    fp32 shortcuts: +0.8%; int4 with quantized shortcuts is unusable).  With int4 an untied
+    head is quantized to 8 bits; a tied embedding matrix is read by a Gather and a Gemm, which
+    the quantizer leaves in fp32.  Residual widths are zero-padded to the block first (exact).
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    shortcuts = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith("_shortcut")]
+    shortcuts = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(RESIDUAL_PATH_NODES)]
     head = ["lm_head/MatMul"] if bits < 8 else []
 
     def run(m: onnx.ModelProto, nbits: int, **selection: Any) -> onnx.ModelProto:
@@ -320,6 +357,8 @@ def export_onnx(*, checkpoint: Path, out: Path, precision: str = "fp32", quantiz
         raise SliceGPTError("--quantize applies to fp32 graphs (MatMulNBits keeps fp32 activations on CPU)")
     cfg, base = read_config(checkpoint)
     tensors = read_tensors(checkpoint)
+    if quantize is not None:
+        cfg, tensors = pad_residual_widths(cfg, tensors, QUANT_BLOCK_SIZE)
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         logger.info("building the ONNX graph (%d layers, %s)", cfg.num_layers, precision)
         model = build_onnx_model(cfg, tensors, precision=precision)

@@ -141,6 +141,7 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
         embedding_width=meta.get(spec.WIDTH_EMBEDDING, int),
         layers=[LayerWidths(*(int(widths[k][i]) for k in widths)) for i in range(n)],
         head_in=meta.get(spec.WIDTH_HEAD_IN, int),
+        tied_embeddings=meta.get(spec.TIED_EMBEDDINGS, bool),
         sparsity=float(meta.get(spec.SPARSITY, float, 0.0)),
     )
     check_config(cfg, meta.path)
@@ -182,7 +183,7 @@ def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, torch.Tensor]
         if array.shape != expected:
             raise GGUFFormatError(f"{path}: tensor {t.name} holds {array.shape}, header says {expected}")
         tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy, off the memory map
-        out[name] = tensor.T.contiguous() if name.rsplit(".", 1)[-1] in ("attn_shortcut", "mlp_shortcut") else tensor
+        out[name] = tensor.T.contiguous() if spec.is_right_multiplied(name) else tensor
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from slicegpt_export.atomic import atomic_file
-from slicegpt_export.checkpoint import load_sliced, read_config
+from slicegpt_export.checkpoint import load_sliced, read_config, read_spectra
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.text import text_windows
 from slicegpt_export.sources.tokenizer import load_tokenizer
@@ -129,11 +129,6 @@ def validate_directory(
     return results
 
 
-def eigenvalue_spectra(checkpoint: Path) -> dict[str, torch.Tensor]:
-    path = Path(checkpoint) / "eigenvalues.pt"
-    return torch.load(path, weights_only=True) if path.is_file() else {}
-
-
 def kept_variance(spectra: dict[str, torch.Tensor], cfg: Any) -> dict[str, float]:
     """Fraction of each signal's variance (second moment) inside the kept principal directions."""
     widths = {"embedding": cfg.embedding_width}
@@ -151,7 +146,7 @@ def write_plots(directory: Path, results: list[ArtifactResult], checkpoint: Path
     import matplotlib.pyplot as plt
 
     cfg, _ = read_config(checkpoint)
-    spectra = eigenvalue_spectra(checkpoint)
+    spectra = read_spectra(checkpoint)
     written = []
     if spectra:
         fig, ax = plt.subplots(figsize=(8, 5))

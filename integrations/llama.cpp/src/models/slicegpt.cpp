@@ -1,11 +1,11 @@
 // SliceGPT (Ashkboos et al., ICLR 2024): a decoder whose residual stream changes width from
 // block to block and carries a projection ("shortcut") matrix around every residual update.
-// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 1).
+// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 2).
 #include "models.h"
 
 #include <cmath>
 
-static constexpr uint32_t SLICEGPT_SPEC_VERSION = 1;
+static constexpr uint32_t SLICEGPT_SPEC_VERSION = 2;
 
 // the slicegpt.* keys are read straight from the GGUF metadata, each checked for its type
 static int64_t slicegpt_find_key(const llama_model_loader & ml, const char * name, gguf_type type) {
@@ -86,18 +86,21 @@ void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
 
     act        = slicegpt_activation_from_string(slicegpt_get_str(ml, "activation"));
     gated_mlp  = slicegpt_get_bool(ml, "gated_mlp");
+    tied_embeddings = slicegpt_get_bool(ml, "tied_embeddings");
     bias_qkv   = slicegpt_get_bool(ml, "bias.qkv");
     bias_attn  = slicegpt_get_bool(ml, "bias.attn_out");
     bias_mlp   = slicegpt_get_bool(ml, "bias.mlp");
     bias_head  = slicegpt_get_bool(ml, "bias.head");
 
-    // the residual stream is narrower than D: llama.cpp's n_embd is the embedding width (what
-    // the input path reads), n_embd_out the head's input width, and D is kept for the norms
+    // the residual stream is narrower than D: llama.cpp's n_embd is the width of token_embd's rows (what
+    // the input path reads: D when the embedding is tied to the head, else the embedding width),
+    // n_embd_out the head's input width, and D is kept for the norms
     n_embd_orig            = hparams.n_embd;
-    hparams.n_embd         = slicegpt_get_u32(ml, "width.embedding");
+    width_embedding        = slicegpt_get_u32(ml, "width.embedding");
+    hparams.n_embd         = tied_embeddings ? n_embd_orig : width_embedding;
     hparams.n_embd_out_impl = slicegpt_get_u32(ml, "width.head_in");
 
-    if (width_attn_in[0] != hparams.n_embd || width_mlp_out[n_layer - 1] != hparams.n_embd_out_impl) {
+    if (width_attn_in[0] != width_embedding || width_mlp_out[n_layer - 1] != hparams.n_embd_out_impl) {
         throw std::runtime_error("slicegpt: per-layer widths do not chain from the embedding to the head");
     }
     for (uint32_t il = 0; il < n_layer; ++il) {
@@ -118,13 +121,22 @@ void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
 
     const int64_t n_embd_q = n_embd_head_k * n_head;
 
+    const int64_t d_emb = width_embedding;
     tok_embd = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, 0);
     if (learned_positions) {
-        pos_embd = create_tensor(tn(LLM_TENSOR_POS_EMBD, "weight"), {n_embd, (int64_t) hparams.n_ctx_train + position_offset}, 0);
+        pos_embd = create_tensor(tn(LLM_TENSOR_POS_EMBD, "weight"), {d_emb, (int64_t) hparams.n_ctx_train + position_offset}, 0);
     }
 
     const int64_t n_embd_head_in = hparams.n_embd_out_impl;
-    output   = create_tensor(tn(LLM_TENSOR_OUTPUT, "weight"), {n_embd_head_in, n_vocab}, 0);
+    if (tied_embeddings) {
+        // one [D, n_vocab] matrix read by the input path and by the head, as llama.cpp's tied models do;
+        // the rotations travel in two small matrices beside it (token_embd_proj absent = identity)
+        tok_embd_proj = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD_PROJ, "weight"), {n_embd, d_emb}, d_emb == n_embd ? TENSOR_NOT_REQUIRED : 0);
+        output_proj   = create_tensor(tn(LLM_TENSOR_OUTPUT_PROJ, "weight"), {n_embd_head_in, n_embd}, 0);
+        output        = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, TENSOR_DUPLICATED);
+    } else {
+        output = create_tensor(tn(LLM_TENSOR_OUTPUT, "weight"), {n_embd_head_in, n_vocab}, 0);
+    }
     output_b = create_tensor(tn(LLM_TENSOR_OUTPUT, "bias"),   {n_vocab}, bias_head ? 0 : TENSOR_NOT_REQUIRED);
 
     const int bias_qkv_flags  = bias_qkv  ? 0 : TENSOR_NOT_REQUIRED;
@@ -285,8 +297,13 @@ ggml_tensor * llama_model_slicegpt::graph::build_blocks(ggml_tensor * inpL, ggml
 
 llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph_params & params) :
         llm_graph_context(params), model(static_cast<const llama_model_slicegpt &>(model_in)) {
-    ggml_tensor * inpL = build_inp_embd(model.tok_embd);  // [d_emb, n_tokens]
+    ggml_tensor * inpL = build_inp_embd(model.tok_embd);  // [d_emb, n_tokens], or [D, n_tokens] when tied
     ggml_tensor * inp_pos = build_inp_pos();
+
+    if (model.tok_embd_proj) {
+        inpL = ggml_mul_mat(ctx0, model.tok_embd_proj, inpL);  // [d_emb, n_tokens]
+        cb(inpL, "inp_embd_proj", -1);
+    }
 
     if (model.learned_positions) {
         // row = position + offset (OPT: 2)
@@ -304,6 +321,10 @@ llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph
     cb(cur, "result_norm", -1);
     res->t_embd = cur;
 
+    if (model.output_proj) {
+        cur = build_lora_mm(model.output_proj, cur);  // [D, n_tokens]: the tied head's rotation and norm scale
+        cb(cur, "result_proj", -1);
+    }
     cur = build_lora_mm(model.output, cur);  // [n_vocab, n_tokens]
     if (model.output_b) {
         cur = ggml_add(ctx0, cur, model.output_b);

@@ -52,7 +52,7 @@ class FamilyAdapter(ABC):
 
     @property
     def tied_embeddings(self) -> bool:
-        """Whether the source head reuses the token embedding (then it is untied before fusion)."""
+        """Whether the source head reuses the token embedding (then it stays tied: the matrix is stored once)."""
         return bool(self.hf.get("tie_word_embeddings", False))
 
     def require(self, key: str) -> Any:

@@ -1,0 +1,145 @@
+"""Budgets: the widths that fit a stored-parameter target, and what a width plan costs.
+
+A *plan* is one width per residual signal that gets a basis (see slicing.signal_names): the
+embedding output, then each rotated stage output; the last signal feeds the head.  Its cost
+is counted in closed form, tensor by tensor, exactly as the sliced checkpoint will store it:
+every matrix, a tied embedding once, shortcuts and projections included, identity shortcuts
+not at all (tests check the count against written checkpoints).
+
+Allocators choose the plan for a budget B = R x (dense stored parameters):
+
+* ``uniform``: one width d for every signal (the head keeps D unless the head is sliced), the
+  largest multiple of round_to that fits;
+* ``spectrum``: per-signal widths from the PCA spectra of the dense model: starting from full
+  width, repeatedly narrow the signal whose next cut of round_to directions discards the least
+  variance (as a fraction of that signal's total) per stored parameter saved, until the plan
+  fits.  SliceGPT's Table 6 found such allocation can hurt (Llama-2) or help (OPT); the
+  benchmark measures it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from slicegpt_export.checkpoint import LayerWidths, SlicedConfig
+from slicegpt_export.errors import SliceGPTError
+
+logger = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "spectrum")
+
+
+@dataclasses.dataclass
+class Cost:
+    parameters: int  # stored parameters (biases and norms included)
+    macs: int  # weight multiply-accumulates per token
+
+
+def layer_widths(cfg: SlicedConfig, widths: list[int], rotation: str) -> list[LayerWidths]:
+    """Per-block widths of a plan.  `widths`: [embedding, then one per rotated stage]."""
+    out, prev, k = [], widths[0], 1
+    for _ in range(cfg.num_layers):
+        if cfg.block_kind == "parallel":
+            out.append(LayerWidths(prev, widths[k], prev, widths[k]))
+            prev, k = widths[k], k + 1
+        elif rotation == "stage":
+            out.append(LayerWidths(prev, widths[k], widths[k], widths[k + 1]))
+            prev, k = widths[k + 1], k + 2
+        else:  # one basis per block: attention writes back into the basis it read
+            out.append(LayerWidths(prev, prev, prev, widths[k]))
+            prev, k = widths[k], k + 1
+    if k != len(widths):
+        raise ValueError(f"{len(widths)} widths for a plan of {k} signals")
+    return out
+
+
+def signal_count(cfg: SlicedConfig, rotation: str) -> int:
+    per_block = 2 if (cfg.block_kind == "sequential" and rotation == "stage") else 1
+    return 1 + per_block * cfg.num_layers
+
+
+def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str) -> Cost:
+    """Stored parameters and weight MACs per token of the checkpoint a plan produces."""
+    V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    bias = cfg.bias
+    n_in = 2 if cfg.gated_mlp else 1  # gate and up read the MLP input
+    d0, head_in = widths[0], widths[-1]
+    params = macs = 0
+    if cfg.tied_embeddings:
+        params += V * D + D * d0  # E once, embed_proj
+        macs += D * d0 + V * D + head_in * D  # embed_proj, the head's product with E, lm_head.proj
+        params += head_in * D
+    else:
+        params += V * d0 + V * head_in
+        macs += V * head_in
+    params += V if bias["head"] else 0
+    if cfg.position_embedding == "learned":
+        params += (cfg.max_position_embeddings + cfg.position_offset) * d0
+    attn_shortcut_stored = cfg.block_kind == "parallel" or rotation == "stage"
+    for w in layer_widths(cfg, widths, rotation):
+        m = w.attn_in * (q_out + 2 * kv_out) + q_out * w.attn_out  # q, k, v, o
+        m += n_in * w.mlp_in * F + F * w.mlp_out  # gate, up, down
+        m += w.attn_in * w.attn_out if attn_shortcut_stored else 0
+        m += w.mlp_in * w.mlp_out if cfg.block_kind == "sequential" else 0
+        macs += m
+        params += m
+        params += (q_out + 2 * kv_out) if bias["qkv"] else 0
+        params += w.attn_out if bias["attn_out"] else 0
+        params += (n_in * F + w.mlp_out) if bias["mlp"] else 0
+    return Cost(params, macs)
+
+
+def fits(cfg: SlicedConfig, widths: list[int], rotation: str, budget: int) -> bool:
+    return plan_cost(cfg, widths, rotation).parameters <= budget
+
+
+def uniform_plan(cfg: SlicedConfig, rotation: str, budget: int, *, round_to: int, slice_head: bool) -> list[int]:
+    """The widest uniform plan within `budget`: every signal d (the head D unless `slice_head`)."""
+    n, D = signal_count(cfg, rotation), cfg.hidden_size
+    for d in range(D - D % round_to, 0, -round_to):
+        widths = [d] * (n - 1) + [d if slice_head else D]
+        if fits(cfg, widths, rotation, budget):
+            return widths
+    raise SliceGPTError(f"no uniform width fits {budget:,} stored parameters (at width {round_to}: "
+                        f"{plan_cost(cfg, [round_to] * n, rotation).parameters:,})")  # fmt: skip
+
+
+def discarded_fraction(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """r(d) = sum_{i >= d} lambda_i / sum lambda_i for d = 0..D: the variance a width-d slice drops.  (D + 1,)"""
+    lam = eigenvalues.double().clamp(min=0)
+    tail = torch.cat((lam.flip(0).cumsum(0).flip(0), lam.new_zeros(1)))
+    return tail / lam.sum()
+
+
+def spectrum_plan(
+    cfg: SlicedConfig, spectra: list[torch.Tensor], rotation: str, budget: int, *, round_to: int, slice_head: bool
+) -> list[int]:
+    """Per-signal widths within `budget`, narrowing greedily where the least variance is lost per parameter saved."""
+    D = cfg.hidden_size
+    n = signal_count(cfg, rotation)
+    if len(spectra) != n:
+        raise ValueError(f"{len(spectra)} spectra for {n} signals")
+    loss = [discarded_fraction(s) for s in spectra]
+    widths = [D] * n
+    movable = list(range(n)) if slice_head else list(range(n - 1))
+    cost = plan_cost(cfg, widths, rotation).parameters
+    while cost > budget:
+        best, best_score, best_cost = None, float("inf"), cost
+        for k in movable:
+            d = widths[k] - (widths[k] % round_to or round_to)
+            if d < round_to:
+                continue
+            trial = widths[:k] + [d] + widths[k + 1 :]
+            trial_cost = plan_cost(cfg, trial, rotation).parameters
+            saved = cost - trial_cost
+            score = (loss[k][d] - loss[k][widths[k]]).item() / max(saved, 1)
+            if score < best_score:
+                best, best_score, best_cost = (k, d), score, trial_cost
+        if best is None:
+            raise SliceGPTError(f"no plan fits {budget:,} stored parameters")
+        widths[best[0]], cost = best[1], best_cost
+    return widths

@@ -1,0 +1,73 @@
+"""Zero-padding of residual widths, so that block-quantized exports quantize every matrix.
+
+Block quantizers (GGUF q8_0/q4_0, ONNX MatMulNBits) work on rows whose length is a multiple of
+their block (32).  A sliced width such as 432 is not, and a matrix reading a 432-wide signal
+would fall back to 16 bits.  Padding a residual width d to d' = ceil(d / 32) * 32 with zero
+coordinates is exact:
+
+* the padded coordinates of the residual stay zero: the embedding writes zeros there, and every
+  writer into the residual (o_proj, down_proj, shortcuts, their biases) has zero rows there;
+* readers (q/k/v, gate/up, shortcuts, the head) get zero columns there, so they read nothing;
+* SliceGPT's norm divides by the original width D, not by d', so zeros change no norm.
+
+The padded checkpoint is an ordinary sliced checkpoint whose widths are the padded ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from slicegpt_export.checkpoint import LayerWidths, SlicedConfig
+
+logger = logging.getLogger(__name__)
+
+
+def padded(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def pad_dims(t: torch.Tensor, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """`t` with zero rows (dim 0) and/or zero columns (dim -1) appended up to the given sizes."""
+    if t.dim() == 1:
+        return F.pad(t, (0, (rows or t.shape[0]) - t.shape[0]))
+    return F.pad(t, (0, (cols or t.shape[1]) - t.shape[1], 0, (rows or t.shape[0]) - t.shape[0]))
+
+
+def pad_residual_widths(
+    cfg: SlicedConfig, tensors: dict[str, torch.Tensor], multiple: int
+) -> tuple[SlicedConfig, dict[str, torch.Tensor]]:
+    """A copy of the checkpoint with every residual width padded to a multiple of `multiple` (exact, see above)."""
+    p = lambda w: padded(w, multiple)  # noqa: E731
+    widths = [cfg.embedding_width, cfg.head_in] + [getattr(w, f.name) for w in cfg.layers for f in dataclasses.fields(w)]
+    if all(w == p(w) for w in widths):
+        return cfg, tensors
+    out = dict(tensors)
+
+    def pad(name: str, rows: int | None = None, cols: int | None = None) -> None:
+        if name in out:
+            out[name] = pad_dims(out[name], rows, cols)
+
+    d_emb, d_head = p(cfg.embedding_width), p(cfg.head_in)
+    pad("embed_proj" if cfg.tied_embeddings else "embed_tokens.weight", cols=d_emb)
+    pad("embed_positions.weight", cols=d_emb)
+    pad("lm_head.proj" if cfg.tied_embeddings else "lm_head.weight", **({"rows": d_head} if cfg.tied_embeddings else {"cols": d_head}))
+    layers = []
+    for i, w in enumerate(cfg.layers):
+        a_in, a_out, m_in, m_out = p(w.attn_in), p(w.attn_out), p(w.mlp_in), p(w.mlp_out)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            pad(f"layers.{i}.{proj}.weight", cols=a_in)
+        pad(f"layers.{i}.o_proj.weight", rows=a_out)
+        pad(f"layers.{i}.o_proj.bias", rows=a_out)
+        pad(f"layers.{i}.attn_shortcut", rows=a_in, cols=a_out)
+        for proj in ("gate_proj", "up_proj"):
+            pad(f"layers.{i}.{proj}.weight", cols=m_in)
+        pad(f"layers.{i}.down_proj.weight", rows=m_out)
+        pad(f"layers.{i}.down_proj.bias", rows=m_out)
+        pad(f"layers.{i}.mlp_shortcut", rows=m_in, cols=m_out)
+        layers.append(LayerWidths(a_in, a_out, m_in, m_out))
+    logger.info("residual widths padded to multiples of %d (exact: zero coordinates)", multiple)
+    return dataclasses.replace(cfg, embedding_width=d_emb, layers=layers, head_in=d_head), out

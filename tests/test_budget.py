@@ -1,0 +1,124 @@
+"""Budgets, one-shortcut-per-block rotation, tied embeddings and exact zero-padding on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import oracle_logits
+from test_families import calibration, prompt, source_of
+from tiny import TINY_CONFIGS, tiny_hf_model
+
+from slicegpt_export.checkpoint import build_checked, parameter_count, weight_macs_per_token
+from slicegpt_export.converter.budget import discarded_fraction, layer_widths, plan_cost, spectrum_plan
+from slicegpt_export.converter.convert import fused_model, slice_fused, slice_source
+from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.exporters.padding import pad_residual_widths
+
+FAMILIES = list(TINY_CONFIGS)
+
+
+def plan_of(cfg) -> list[int]:
+    """The per-signal widths a sliced config records (inverse of budget.layer_widths)."""
+    rotation = cfg.slicing["rotation"]
+    widths = [cfg.embedding_width]
+    for w in cfg.layers:
+        if cfg.block_kind == "sequential" and rotation == "stage":
+            widths += [w.attn_out, w.mlp_out]
+        else:
+            widths.append(w.mlp_out)
+    return widths
+
+
+@pytest.mark.parametrize("rotation", ["stage", "block"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_cost_counts_what_the_checkpoint_stores(family, rotation):
+    hf = tiny_hf_model(family)
+    model, cfg, _ = fused_model(source_of(hf))
+    dense = cfg.size["dense_parameters"]
+    slice_fused(model, cfg, calibration(), target_params=0.8, rotation=rotation, allocation="spectrum")
+    tensors = model.named_weights()
+    widths = plan_of(cfg)
+    assert layer_widths(cfg, widths, rotation) == cfg.layers
+    cost = plan_cost(cfg, widths, rotation)
+    assert cost.parameters == parameter_count(tensors) <= 0.8 * dense
+    assert cost.macs == weight_macs_per_token(tensors, tied_embeddings=cfg.tied_embeddings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_rotation_is_exact_and_stores_one_shortcut_per_block(family):
+    hf = tiny_hf_model(family, dtype=torch.float64)
+    ids = prompt()
+    expected = oracle_logits(hf.state_dict(), hf.config.to_dict(), ids)
+    model, cfg = slice_source(source_of(hf), calibration(), sparsity=0.0, rotation="block")
+    assert (model(ids).logits - expected).abs().max().item() <= 1e-9
+    tensors = model.named_weights()
+    for i in range(cfg.num_layers):
+        if cfg.block_kind == "sequential":
+            assert f"layers.{i}.attn_shortcut" not in tensors and f"layers.{i}.mlp_shortcut" in tensors
+        else:
+            assert f"layers.{i}.attn_shortcut" in tensors
+
+
+def test_tied_source_stays_tied_and_exact_at_sparsity_zero():
+    hf = tiny_hf_model("llama-tied")
+    ids = prompt()
+    model, cfg = slice_source(source_of(hf), calibration(), sparsity=0.0)
+    assert cfg.tied_embeddings and "lm_head.weight" not in model.named_weights()
+    assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5
+    # stored: the dense count (the matrix once) without the 2n + 1 norm scales (folded away), plus the two
+    # D x D projections beside the embedding and the shortcuts
+    D, n = cfg.hidden_size, cfg.num_layers
+    norms, projections, shortcuts = (2 * n + 1) * D, 2 * D * D, 2 * n * D * D
+    assert parameter_count(model.named_weights()) == cfg.size["dense_parameters"] - norms + projections + shortcuts
+
+
+@pytest.mark.parametrize("target", [0.9, 0.75, 0.6])
+def test_budget_is_met_closely(target):
+    hf = tiny_hf_model("llama-tied")
+    model, cfg, _ = fused_model(source_of(hf))
+    slice_fused(model, cfg, calibration(), target_params=target)
+    stored = parameter_count(model.named_weights())
+    dense = cfg.size["dense_parameters"]
+    assert stored <= target * dense
+    # one more round_to step of every width would overshoot: the uniform plan is the widest that fits
+    widths = plan_of(cfg)
+    wider = [w + cfg.round_to for w in widths[:-1]] + widths[-1:]
+    assert plan_cost(cfg, wider, cfg.slicing["rotation"]).parameters > target * dense
+
+
+def test_budget_and_sparsity_are_exclusive():
+    hf = tiny_hf_model("llama")
+    model, cfg, _ = fused_model(source_of(hf))
+    with pytest.raises(SliceGPTError, match="either --sparsity"):
+        slice_fused(model, cfg, calibration(), sparsity=0.25, target_params=0.75)
+    with pytest.raises(SliceGPTError, match=r"--target-params must be in \(0, 1\)"):
+        slice_fused(model, cfg, calibration(), target_params=1.5)
+
+
+def test_discarded_fraction_known_answer():
+    r = discarded_fraction(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    assert torch.allclose(r, torch.tensor([1.0, 0.6, 0.3, 0.1, 0.0], dtype=torch.float64))
+
+
+def test_spectrum_allocation_cuts_the_signal_that_loses_least():
+    hf = tiny_hf_model("llama")
+    _, cfg, _ = fused_model(source_of(hf))
+    D = cfg.hidden_size
+    steep = torch.logspace(0, -8, D)  # almost all variance in the first directions
+    flat = torch.ones(D)  # every direction matters equally
+    spectra = [flat, steep, flat]  # embedding, block 0 output, block 1 output (the head's input)
+    budget = plan_cost(cfg, [D, D, D], "block").parameters * 9 // 10
+    widths = spectrum_plan(cfg, spectra, "block", budget, round_to=8, slice_head=False)
+    assert widths[2] == D and widths[1] < widths[0]  # the head keeps D; the steep signal pays
+    assert plan_cost(cfg, widths, "block").parameters <= budget
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "opt", "phi"])
+def test_zero_padding_is_exact(family):
+    hf = tiny_hf_model(family)
+    model, cfg = slice_source(source_of(hf), calibration(), sparsity=0.25, rotation="block")  # width 48
+    padded_cfg, padded = pad_residual_widths(cfg, model.named_weights(), 32)
+    assert padded_cfg.embedding_width == 64 and {w.attn_in for w in padded_cfg.layers} == {64}
+    ids = prompt()
+    got = build_checked(padded_cfg, padded)(ids).logits
+    assert (got - model(ids).logits).abs().max().item() <= 1e-5
