@@ -13,18 +13,22 @@ WORK = REPO / "bench" / "work"  # git-ignored cache of checkpoints and exports
 logger = logging.getLogger("bench")
 
 
-def sliced_checkpoint(sparsity: float, *, rotate: bool = True, round_to: int = 8) -> Path:
-    """SmolLM2-135M-Instruct sliced on the DEVELOPERS.md protocol's calibration (cached); rotate=False: fused only."""
+def protocol_checkpoint(tag: str, **options) -> Path:
+    """SmolLM2-135M-Instruct sliced with `options` (slice_checkpoint's) on the protocol's calibration, cached as `tag`."""
     from slicegpt_export.converter.convert import slice_checkpoint
 
-    suffix = "" if round_to == 8 else f"-r{round_to}"
-    out = WORK / ((f"smollm2-{sparsity:g}" if rotate else "smollm2-dense") + suffix)
+    out = WORK / f"smollm2-{tag}"
     if not (out / "config.json").is_file():
-        slice_checkpoint(
-            model=None, out=out, sparsity=sparsity, calib=str(DATA / "valid.txt"),
-            calib_samples=64, calib_seqlen=512, seed=42, device="cpu", progress=False, overwrite=True, rotate=rotate, round_to=round_to,
-        )  # fmt: skip
+        slice_checkpoint(model=None, out=out, calib=str(DATA / "valid.txt"), calib_samples=64, calib_seqlen=512, seed=42,
+                         device="cpu", progress=False, overwrite=True, **options)  # fmt: skip
     return out
+
+
+def sliced_checkpoint(sparsity: float, *, rotate: bool = True, round_to: int = 8) -> Path:
+    """SmolLM2-135M-Instruct sliced at `sparsity` on the DEVELOPERS.md protocol (cached); rotate=False: fused only."""
+    suffix = "" if round_to == 8 else f"-r{round_to}"
+    tag = (f"{sparsity:g}" if rotate else "dense") + suffix
+    return protocol_checkpoint(tag, sparsity=sparsity, rotate=rotate, round_to=round_to)
 
 
 def hf_folder() -> Path:

@@ -81,10 +81,11 @@ def decode_tokens_per_second(s: Session, batch: int, repeats: int = 3) -> float:
 
 
 def weight_macs_per_token(checkpoint: Path) -> int:
-    """Multiply-accumulates per token of every weight matrix (embedding lookups excluded)."""
-    from slicegpt_export.checkpoint import read_tensors
+    """Multiply-accumulates per token of every weight matrix (embedding lookups excluded, a tied head counted)."""
+    from slicegpt_export import checkpoint as ckpt
 
-    return sum(t.numel() for n, t in read_tensors(checkpoint).items() if t.dim() == 2 and not n.startswith("embed_"))
+    cfg, _ = ckpt.read_config(checkpoint)
+    return ckpt.weight_macs_per_token(ckpt.read_tensors(checkpoint), tied_embeddings=cfg.tied_embeddings)
 
 
 def measure(path: Path) -> dict:

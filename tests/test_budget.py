@@ -6,7 +6,7 @@ import pytest
 import torch
 from oracle import oracle_logits
 from test_families import calibration, prompt, source_of
-from tiny import TINY_CONFIGS, tiny_hf_model
+from tiny import TINY_CONFIGS, byte_tokenizer, tiny_hf_model
 
 from slicegpt_export.checkpoint import build_checked, parameter_count, weight_macs_per_token
 from slicegpt_export.converter.budget import discarded_fraction, layer_widths, plan_cost, spectrum_plan
@@ -20,6 +20,8 @@ FAMILIES = list(TINY_CONFIGS)
 def plan_of(cfg) -> list[int]:
     """The per-signal widths a sliced config records (inverse of budget.layer_widths)."""
     rotation = cfg.slicing["rotation"]
+    if rotation == "global":
+        return [cfg.embedding_width, cfg.head_in]
     widths = [cfg.embedding_width]
     for w in cfg.layers:
         if cfg.block_kind == "sequential" and rotation == "stage":
@@ -29,13 +31,13 @@ def plan_of(cfg) -> list[int]:
     return widths
 
 
-@pytest.mark.parametrize("rotation", ["stage", "block"])
+@pytest.mark.parametrize(("rotation", "allocation"), [("stage", "spectrum"), ("block", "spectrum"), ("global", "uniform")])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_plan_cost_counts_what_the_checkpoint_stores(family, rotation):
+def test_plan_cost_counts_what_the_checkpoint_stores(family, rotation, allocation):
     hf = tiny_hf_model(family)
     model, cfg, _ = fused_model(source_of(hf))
     dense = cfg.size["dense_parameters"]
-    slice_fused(model, cfg, calibration(), target_params=0.8, rotation=rotation, allocation="spectrum")
+    slice_fused(model, cfg, calibration(), target_params=0.8, rotation=rotation, allocation=allocation)
     tensors = model.named_weights()
     widths = plan_of(cfg)
     assert layer_widths(cfg, widths, rotation) == cfg.layers
@@ -57,6 +59,16 @@ def test_block_rotation_is_exact_and_stores_one_shortcut_per_block(family):
             assert f"layers.{i}.attn_shortcut" not in tensors and f"layers.{i}.mlp_shortcut" in tensors
         else:
             assert f"layers.{i}.attn_shortcut" in tensors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_global_rotation_is_exact_and_stores_no_shortcut(family):
+    hf = tiny_hf_model(family, dtype=torch.float64)
+    ids = prompt()
+    expected = oracle_logits(hf.state_dict(), hf.config.to_dict(), ids)
+    model, cfg = slice_source(source_of(hf), calibration(), sparsity=0.0, rotation="global", slice_head=True)
+    assert (model(ids).logits - expected).abs().max().item() <= 1e-9
+    assert not [n for n in model.named_weights() if n.endswith("_shortcut")]
 
 
 def test_tied_source_stays_tied_and_exact_at_sparsity_zero():
@@ -122,3 +134,41 @@ def test_zero_padding_is_exact(family):
     ids = prompt()
     got = build_checked(padded_cfg, padded)(ids).logits
     assert (got - model(ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "phi"])
+def test_pruned_mlps_are_recorded_counted_and_run_from_gguf(family, tmp_path):
+    from slicegpt_export.checkpoint import save_checkpoint
+    from slicegpt_export.exporters.gguf import export_gguf
+    from slicegpt_export.validation.gguf_runner import GGUFModel
+
+    hf = tiny_hf_model(family)
+    model, cfg, _ = fused_model(source_of(hf))
+    slice_fused(model, cfg, calibration(), target_params=0.8, ffn_keep=0.7)
+    keep = 64  # 0.7 x 96 neurons, rounded down to a multiple of 32
+    assert [w.intermediate for w in cfg.layers] == [keep] * cfg.num_layers
+    tensors = model.named_weights()
+    assert tensors["layers.0.up_proj.weight"].shape[0] == tensors["layers.0.down_proj.weight"].shape[1] == keep
+    assert plan_cost(cfg, plan_of(cfg), cfg.slicing["rotation"], [keep] * cfg.num_layers).parameters == parameter_count(tensors)
+    save_checkpoint(tmp_path / "ckpt", tensors=tensors, config=cfg, base_config=hf.config.to_dict())
+    byte_tokenizer().save_pretrained(tmp_path / "ckpt")
+    gguf_model = GGUFModel(export_gguf(checkpoint=tmp_path / "ckpt", out=tmp_path / "f32", gguf_type="f32"))
+    assert [w.intermediate for w in gguf_model.config.layers] == [keep] * cfg.num_layers
+    ids = prompt()
+    assert (gguf_model.logits(ids) - model(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_least_squares_down_projection_beats_plain_dropping():
+    from slicegpt_export.converter.ffn import compensated_down, neurons_to_keep
+
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(96, 24, generator=gen, dtype=torch.float64)  # activations of 96 neurons live in 24 dimensions
+    acts = torch.randn(2000, 24, generator=gen, dtype=torch.float64) @ basis.T  # (tokens, F): correlated neurons
+    down = torch.randn(16, 96, generator=gen, dtype=torch.float64)
+    gram = acts.T @ acts
+    kept = neurons_to_keep(gram, down, 48)
+    target = acts @ down.T
+    refit = acts[:, kept] @ compensated_down(gram, down, kept).T
+    dropped = acts[:, kept] @ down[:, kept].T
+    # 48 correlated neurons span the 24 dimensions: least squares recovers the output almost exactly
+    assert (refit - target).norm() / target.norm() < 0.02 < (dropped - target).norm() / target.norm()

@@ -38,7 +38,7 @@ def test_slice_and_perplexity_commands(tiny_folder, calib_file, tmp_path):
     out = tmp_path / "sliced"
     result = runner.invoke(app, slice_args(tiny_folder, out, calib_file, "--sparsity", "0.25"))
     assert result.exit_code == 0, result.output
-    assert "parameters:" in result.output and "widths:" in result.output
+    assert "stored parameters" in result.output and "widths:" in result.output
     config = json.loads((out / "config.json").read_text())
     assert config["slicegpt"]["embedding_width"] == 48 and config["slicegpt"]["calibration"]["samples"] == 4
     assert (out / "tokenizer.json").is_file()
@@ -126,3 +126,19 @@ def test_without_calibration_text_the_model_samples_its_own(tiny_folder, tmp_pat
     assert "sampled from the model itself" in caplog.text
     assert summary.config.calibration["source"] == "sampled from the model"
     assert summary.config.calibration["samples"] == 2 and summary.config.calibration["seqlen"] == 16
+
+
+def test_slice_to_a_parameter_budget(tiny_folder, calib_file, tmp_path):
+    out = tmp_path / "budget"
+    result = runner.invoke(app, slice_args(tiny_folder, out, calib_file, "--target-params", "0.7"))
+    assert result.exit_code == 0, result.output
+    size = json.loads((out / "config.json").read_text())["slicegpt"]["size"]
+    assert size["parameter_fraction"] <= 0.7 and size["parameters"] <= 0.7 * size["dense_parameters"]
+    assert f"({size['parameter_fraction']:.3f} of dense" in result.output
+    assert size["mac_fraction"] == pytest.approx(size["macs_per_token"] / size["dense_macs_per_token"])
+
+
+def test_sparsity_and_budget_together_are_refused(tiny_folder, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, slice_args(tiny_folder, out, calib_file, "--sparsity", "0.25", "--target-params", "0.7"))
+    assert_refused(result, "give either --sparsity", out)

@@ -22,7 +22,7 @@ Tensor names and shapes (PyTorch order, ``out x in`` for linears), with ``d_l`` 
 ``layers.N.attn_shortcut``      (attn_in, attn_out)
 ``layers.N.gate_proj.weight``   (intermediate, mlp_in) -- gated MLPs only
 ``layers.N.up_proj.weight``     (intermediate, mlp_in)         (+ ``.bias``)
-``layers.N.down_proj.weight``   (mlp_out, intermediate)        (+ ``.bias``)
+``layers.N.down_proj.weight``   (mlp_out, intermediate)        (+ ``.bias``)  intermediate: per block
 ``layers.N.mlp_shortcut``       (mlp_in, mlp_out) -- sequential blocks only
 ``lm_head.weight``              (vocab, head_in)               (+ ``.bias``)
 ==============================  =================================================
@@ -77,6 +77,7 @@ class LayerWidths:
     attn_out: int  # width after the attention shortcut (rows of o_proj)
     mlp_in: int  # input of the MLP (== attn_out for sequential blocks)
     mlp_out: int  # width leaving the block (rows of down_proj) == next block's attn_in
+    intermediate: int | None = None  # MLP neurons kept in this block (None: the config's intermediate_size)
 
 
 @dataclasses.dataclass

@@ -51,7 +51,10 @@ def main(
     ctx: typer.Context,
     format: Annotated[str | None, typer.Option("--format", help="One-shot job: slice, export onnx|gguf|all, validate, report.")] = None,
     model: Annotated[str | None, typer.Option(help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
-    sparsity: Annotated[float, typer.Option(help="Fraction of the hidden width to remove, in [0, 1).")] = 0.25,
+    sparsity: Annotated[float | None, typer.Option(help=SPARSITY_HELP)] = None,
+    target_params: Annotated[float | None, typer.Option(help=TARGET_HELP)] = None,
+    rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
+    allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
     out: Annotated[Path, typer.Option(help="Output folder of the one-shot job.")] = Path("slicegpt-out"),
     calib: Annotated[str | None, typer.Option(help="Calibration text (file, folder or dataset).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
@@ -82,15 +85,43 @@ def main(
     from slicegpt_export.pipeline import run_job
 
     options = dict(round_to=round_to, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                   calib_batch_size=calib_batch_size, seed=seed, device=device)  # fmt: skip
+                   calib_batch_size=calib_batch_size, seed=seed, device=device, **budget_options(target_params, rotation, allocation))  # fmt: skip
     try:
-        job = run_job(out=out, formats=format, model=model, sparsity=sparsity, eval_text=eval_text, slice_options=options,
+        job = run_job(out=out, formats=format, model=model, sparsity=paper_sparsity(sparsity, target_params), eval_text=eval_text, slice_options=options,
                       precision=precision, quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, sweep=parse_sweep(sweep),
                       tasks=tasks.split(",") if tasks else None)  # fmt: skip
     except KeyboardInterrupt:
         typer.echo("error: interrupted; finished stages are kept, the interrupted one left no output", err=True)
         raise typer.Exit(130) from None
     print_job_summary(job)
+
+
+SPARSITY_HELP = "The paper's slicing fraction of the hidden width, in [0, 1) (default 0.25 unless --target-params)."
+TARGET_HELP = ("Stored-parameter budget R in (0, 1): the sliced model holds at most R x the dense model's stored "
+               "parameters (every tensor, tied ones once); widths are chosen to fit.")  # fmt: skip
+ROTATION_HELP = "stage: a basis per attention/MLP output, two shortcuts per block (the paper); block: one shortcut per block. Default: stage for --sparsity, block for --target-params."
+ALLOCATION_HELP = "How a --target-params budget is spread over layers: uniform (one width) or spectrum (from the PCA spectra)."
+DEFAULT_SPARSITY = 0.25
+
+
+def paper_sparsity(sparsity: float | None, target_params: float | None) -> float:
+    """--sparsity as given, its default without a budget, 0 with one (the library refuses both together)."""
+    if sparsity is not None:
+        return sparsity
+    return 0.0 if target_params is not None else DEFAULT_SPARSITY
+
+
+def budget_options(target_params: float | None, rotation: str | None, allocation: str) -> dict[str, Any]:
+    return {"target_params": target_params, "rotation": rotation, "allocation": allocation}
+
+
+def describe_size(cfg: SlicedConfig) -> str:
+    """The paper's slicing fraction beside the honest ones: stored parameters and weight MACs per token vs dense."""
+    size = cfg.size
+    return (f"slicing fraction {cfg.sparsity:.3f} of the width (the paper's measure); stored parameters "
+            f"{size['dense_parameters'] / 1e6:.1f}M dense -> {size['parameters'] / 1e6:.1f}M ({size['parameter_fraction']:.3f} of dense, "
+            f"every tensor, tied ones once); weight MACs/token {size['dense_macs_per_token'] / 1e6:.1f}M -> "
+            f"{size['macs_per_token'] / 1e6:.1f}M ({size['mac_fraction']:.3f})")  # fmt: skip
 
 
 def parse_sweep(text: str | None) -> list[float] | None:
@@ -108,7 +139,7 @@ def print_job_summary(job: dict[str, Any]) -> None:
     cfg = job["config"]
     typer.echo("")
     typer.echo(f"widths: {describe_widths(cfg)}")
-    typer.echo(f"parameters: {cfg.dense_parameters:,} dense -> {job['parameters']:,} sliced (shortcuts and untied head included)")
+    typer.echo(f"size: {describe_size(cfg)}")
     typer.echo(markdown_table(job["results"]))
     typer.echo("time per stage: " + ", ".join(f"{r.name} {'reused' if r.reused else f'{r.seconds:.1f} s'}" for r in job["records"]))
     typer.echo(f"report: {job['report']}")
@@ -117,15 +148,21 @@ def print_job_summary(job: dict[str, Any]) -> None:
 def describe_widths(cfg: SlicedConfig) -> str:
     """'embedding 432 | attn in/out 432/432 ... | head 576' collapsed over identical layers."""
     layer_kinds = sorted({(w.attn_in, w.attn_out, w.mlp_in, w.mlp_out) for w in cfg.layers})
-    layers = ", ".join(f"{a}/{b}/{c}/{d}" for a, b, c, d in layer_kinds)
-    return f"D {cfg.hidden_size} | embedding {cfg.embedding_width} | layers attn_in/attn_out/mlp_in/mlp_out {layers} | head {cfg.head_in}"
+    if len(layer_kinds) <= 3:
+        layers = "layers attn_in/attn_out/mlp_in/mlp_out " + ", ".join(f"{a}/{b}/{c}/{d}" for a, b, c, d in layer_kinds)
+    else:  # per-layer widths (a budget's allocation): each block's output width
+        layers = "block outputs " + " ".join(str(w.mlp_out) for w in cfg.layers)
+    return f"D {cfg.hidden_size} | embedding {cfg.embedding_width} | {layers} | head {cfg.head_in}"
 
 
 @app.command("slice")
 @one_line_errors
 def slice_command(
     out: Annotated[Path, typer.Option(help="Output folder for the sliced checkpoint.")],
-    sparsity: Annotated[float, typer.Option(help="Fraction of the hidden width to remove, in [0, 1).")] = 0.25,
+    sparsity: Annotated[float | None, typer.Option(help=SPARSITY_HELP)] = None,
+    target_params: Annotated[float | None, typer.Option(help=TARGET_HELP)] = None,
+    rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
+    allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
     model: Annotated[str | None, typer.Option(help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
     round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this.")] = 8,
     slice_head: Annotated[bool, typer.Option(help="Also slice the head input.")] = False,
@@ -145,7 +182,8 @@ def slice_command(
     summary = slice_checkpoint(
         model=model,
         out=out,
-        sparsity=sparsity,
+        sparsity=paper_sparsity(sparsity, target_params),
+        **budget_options(target_params, rotation, allocation),
         round_to=round_to,
         slice_head=slice_head,
         calib=calib,
@@ -158,13 +196,9 @@ def slice_command(
         overwrite=overwrite,
         rotate=rotate,
     )
-    change = summary.params_after / summary.params_before - 1
     typer.echo(f"sliced checkpoint: {summary.out}")
     typer.echo(f"widths: {describe_widths(summary.config)}")
-    typer.echo(
-        f"parameters: {summary.params_before:,} before -> {summary.params_after:,} after ({change:+.1%}, "
-        f"shortcuts and untied head included)"
-    )
+    typer.echo(f"size: {describe_size(summary.config)}")
     typer.echo(f"time: {summary.seconds:.1f} s, peak resident memory {summary.peak_rss_mb:,.0f} MiB")
 
 

@@ -166,17 +166,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: SlicedConfig, d_in: int, d_out: int) -> None:
+    def __init__(self, cfg: SlicedConfig, d_in: int, d_out: int, intermediate: int | None = None) -> None:
         super().__init__()
+        n = intermediate or cfg.intermediate_size
         self.act = ACTIVATIONS[cfg.activation]
-        self.gate_proj = linear(d_in, cfg.intermediate_size, cfg.bias["mlp"]) if cfg.gated_mlp else None
-        self.up_proj = linear(d_in, cfg.intermediate_size, cfg.bias["mlp"])
-        self.down_proj = linear(cfg.intermediate_size, d_out, cfg.bias["mlp"])
+        self.gate_proj = linear(d_in, n, cfg.bias["mlp"]) if cfg.gated_mlp else None
+        self.up_proj = linear(d_in, n, cfg.bias["mlp"])
+        self.down_proj = linear(n, d_out, cfg.bias["mlp"])
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The neurons' activations a = act(W_gate x) * (W_up x + b) (gated) or act(W_up x + b); (..., intermediate)."""
+        if self.gate_proj is not None:
+            return self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.act(self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is not None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.hidden(x))
 
 
 class ResidualStage(nn.Module):
@@ -225,15 +230,16 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: SlicedConfig, idx: int, widths: LayerWidths) -> None:
         super().__init__()
         attn = Attention(cfg, idx, widths.attn_in, widths.attn_out)
+        intermediate = getattr(widths, "intermediate", None)  # older sections have none
         if cfg.block_kind == "sequential":
             self.stages = nn.ModuleList(
                 [
                     ResidualStage(cfg, {"attn": attn}, "attn_shortcut", widths.attn_in, widths.attn_out),
-                    ResidualStage(cfg, {"mlp": MLP(cfg, widths.mlp_in, widths.mlp_out)}, "mlp_shortcut", widths.mlp_in, widths.mlp_out),
+                    ResidualStage(cfg, {"mlp": MLP(cfg, widths.mlp_in, widths.mlp_out, intermediate)}, "mlp_shortcut", widths.mlp_in, widths.mlp_out),
                 ]
             )
         elif cfg.block_kind == "parallel":
-            mlp = MLP(cfg, widths.attn_in, widths.attn_out)
+            mlp = MLP(cfg, widths.attn_in, widths.attn_out, intermediate)
             self.stages = nn.ModuleList([ResidualStage(cfg, {"attn": attn, "mlp": mlp}, "attn_shortcut", widths.attn_in, widths.attn_out)])
         else:
             raise ModelDefinitionError(f"unknown block kind {cfg.block_kind!r}")

@@ -38,8 +38,19 @@ class Cost:
     macs: int  # weight multiply-accumulates per token
 
 
-def layer_widths(cfg: SlicedConfig, widths: list[int], rotation: str) -> list[LayerWidths]:
-    """Per-block widths of a plan.  `widths`: [embedding, then one per rotated stage]."""
+def layer_widths(cfg: SlicedConfig, widths: list[int], rotation: str, intermediates: list[int] | None = None) -> list[LayerWidths]:
+    """Per-block widths of a plan.  `widths`: [embedding, then one per rotated stage]; `intermediates`: MLP neurons per block."""
+    out = residual_widths(cfg, widths, rotation)
+    if intermediates is not None:
+        out = [dataclasses.replace(w, intermediate=n) for w, n in zip(out, intermediates)]
+    return out
+
+
+def residual_widths(cfg: SlicedConfig, widths: list[int], rotation: str) -> list[LayerWidths]:
+    if rotation == "global":
+        d, head = widths
+        last = LayerWidths(d, head, d, head) if cfg.block_kind == "parallel" else LayerWidths(d, d, d, head)
+        return [LayerWidths(d, d, d, d) for _ in range(cfg.num_layers - 1)] + [last]
     out, prev, k = [], widths[0], 1
     for _ in range(cfg.num_layers):
         if cfg.block_kind == "parallel":
@@ -57,13 +68,25 @@ def layer_widths(cfg: SlicedConfig, widths: list[int], rotation: str) -> list[La
 
 
 def signal_count(cfg: SlicedConfig, rotation: str) -> int:
+    if rotation == "global":
+        return 2  # the stream, the head's input
     per_block = 2 if (cfg.block_kind == "sequential" and rotation == "stage") else 1
     return 1 + per_block * cfg.num_layers
 
 
-def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str) -> Cost:
+def stored_shortcuts(cfg: SlicedConfig, widths: list[int], rotation: str) -> list[tuple[bool, bool]]:
+    """(attention, MLP) shortcut stored, per block: a shortcut that is the identity is not."""
+    n, sequential = cfg.num_layers, cfg.block_kind == "sequential"
+    if rotation == "global":
+        last = widths[-1] != widths[0]  # only a wider head needs [I 0]
+        return [(not sequential and last and i == n - 1, sequential and last and i == n - 1) for i in range(n)]
+    attn = not sequential or rotation == "stage"
+    return [(attn, sequential)] * n
+
+
+def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str, intermediates: list[int] | None = None) -> Cost:
     """Stored parameters and weight MACs per token of the checkpoint a plan produces."""
-    V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+    V, D = cfg.vocab_size, cfg.hidden_size
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     bias = cfg.bias
     n_in = 2 if cfg.gated_mlp else 1  # gate and up read the MLP input
@@ -79,12 +102,12 @@ def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str) -> Cost:
     params += V if bias["head"] else 0
     if cfg.position_embedding == "learned":
         params += (cfg.max_position_embeddings + cfg.position_offset) * d0
-    attn_shortcut_stored = cfg.block_kind == "parallel" or rotation == "stage"
-    for w in layer_widths(cfg, widths, rotation):
+    for w, (attn_stored, mlp_stored) in zip(layer_widths(cfg, widths, rotation, intermediates), stored_shortcuts(cfg, widths, rotation)):
+        F = w.intermediate or cfg.intermediate_size
         m = w.attn_in * (q_out + 2 * kv_out) + q_out * w.attn_out  # q, k, v, o
         m += n_in * w.mlp_in * F + F * w.mlp_out  # gate, up, down
-        m += w.attn_in * w.attn_out if attn_shortcut_stored else 0
-        m += w.mlp_in * w.mlp_out if cfg.block_kind == "sequential" else 0
+        m += w.attn_in * w.attn_out if attn_stored else 0
+        m += w.mlp_in * w.mlp_out if mlp_stored else 0
         macs += m
         params += m
         params += (q_out + 2 * kv_out) if bias["qkv"] else 0
@@ -93,19 +116,17 @@ def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str) -> Cost:
     return Cost(params, macs)
 
 
-def fits(cfg: SlicedConfig, widths: list[int], rotation: str, budget: int) -> bool:
-    return plan_cost(cfg, widths, rotation).parameters <= budget
-
-
-def uniform_plan(cfg: SlicedConfig, rotation: str, budget: int, *, round_to: int, slice_head: bool) -> list[int]:
+def uniform_plan(
+    cfg: SlicedConfig, rotation: str, budget: int, *, round_to: int, slice_head: bool, intermediates: list[int] | None = None
+) -> list[int]:
     """The widest uniform plan within `budget`: every signal d (the head D unless `slice_head`)."""
     n, D = signal_count(cfg, rotation), cfg.hidden_size
     for d in range(D - D % round_to, 0, -round_to):
         widths = [d] * (n - 1) + [d if slice_head else D]
-        if fits(cfg, widths, rotation, budget):
+        if plan_cost(cfg, widths, rotation, intermediates).parameters <= budget:
             return widths
     raise SliceGPTError(f"no uniform width fits {budget:,} stored parameters (at width {round_to}: "
-                        f"{plan_cost(cfg, [round_to] * n, rotation).parameters:,})")  # fmt: skip
+                        f"{plan_cost(cfg, [round_to] * n, rotation, intermediates).parameters:,})")  # fmt: skip
 
 
 def discarded_fraction(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -116,17 +137,20 @@ def discarded_fraction(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 
 def spectrum_plan(
-    cfg: SlicedConfig, spectra: list[torch.Tensor], rotation: str, budget: int, *, round_to: int, slice_head: bool
+    cfg: SlicedConfig, spectra: list[torch.Tensor], rotation: str, budget: int, *, round_to: int, slice_head: bool,
+    intermediates: list[int] | None = None,
 ) -> list[int]:
     """Per-signal widths within `budget`, narrowing greedily where the least variance is lost per parameter saved."""
     D = cfg.hidden_size
     n = signal_count(cfg, rotation)
+    if rotation == "global":
+        raise SliceGPTError("one basis for every signal has one width: use --allocation uniform with --rotation global")
     if len(spectra) != n:
         raise ValueError(f"{len(spectra)} spectra for {n} signals")
     loss = [discarded_fraction(s) for s in spectra]
     widths = [D] * n
     movable = list(range(n)) if slice_head else list(range(n - 1))
-    cost = plan_cost(cfg, widths, rotation).parameters
+    cost = plan_cost(cfg, widths, rotation, intermediates).parameters
     while cost > budget:
         best, best_score, best_cost = None, float("inf"), cost
         for k in movable:
@@ -134,7 +158,7 @@ def spectrum_plan(
             if d < round_to:
                 continue
             trial = widths[:k] + [d] + widths[k + 1 :]
-            trial_cost = plan_cost(cfg, trial, rotation).parameters
+            trial_cost = plan_cost(cfg, trial, rotation, intermediates).parameters
             saved = cost - trial_cost
             score = (loss[k][d] - loss[k][widths[k]]).item() / max(saved, 1)
             if score < best_score:

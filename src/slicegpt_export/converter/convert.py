@@ -27,6 +27,7 @@ from slicegpt_export.checkpoint import (
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.budget import ALLOCATIONS, spectrum_plan, uniform_plan
 from slicegpt_export.converter.calibration import calibration_ids
+from slicegpt_export.converter.ffn import kept_neurons
 from slicegpt_export.converter.fusion import fuse_norms
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
@@ -137,6 +138,7 @@ def plan_widths(
     allocation: str,
     round_to: int,
     slice_head: bool,
+    intermediates: list[int] | None,
     device: torch.device,
 ) -> list[int]:
     """One width per residual signal: the paper's uniform width for `sparsity`, or a plan within the budget."""
@@ -145,11 +147,11 @@ def plan_widths(
         width = sliced_width(D, sparsity, round_to)
         return uniform_widths(model, rotation, width, width if slice_head else D)
     budget = int(target_params * cfg.size["dense_parameters"])
+    options = {"round_to": round_to, "slice_head": slice_head, "intermediates": intermediates}
     if allocation == "uniform":
-        return uniform_plan(cfg, rotation, budget, round_to=round_to, slice_head=slice_head)
+        return uniform_plan(cfg, rotation, budget, **options)
     if allocation == "spectrum":
-        spectra = dense_spectra(model, batches, rotation=rotation, device=device)
-        return spectrum_plan(cfg, spectra, rotation, budget, round_to=round_to, slice_head=slice_head)
+        return spectrum_plan(cfg, dense_spectra(model, batches, rotation=rotation, device=device), rotation, budget, **options)
     raise SliceGPTError(f"unknown --allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
 
 
@@ -162,6 +164,7 @@ def slice_fused(
     target_params: float | None = None,
     rotation: str | None = None,
     allocation: str = "uniform",
+    ffn_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
     device: torch.device | None = None,
@@ -174,15 +177,17 @@ def slice_fused(
     Widths: the paper's ``sparsity`` (every signal int((1 - s) D) rounded down), or a stored-
     parameter budget ``target_params`` x dense with an allocation.  ``rotation`` (see
     slicing.py) defaults to the paper's per-stage bases for ``sparsity`` and to one basis per
-    block for budgets.  Records widths and choices in `cfg`; returns the eigenvalues of every
-    PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
+    block for budgets.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py).
+    Records widths and choices in `cfg`; returns the eigenvalues of every PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
     shortcuts, the plain dense model in the sliced-checkpoint format.
     """
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
     device = device if device is not None else torch.device("cpu")
+    if not 0.0 < ffn_keep <= 1.0:
+        raise SliceGPTError(f"--ffn-keep must be in (0, 1], got {ffn_keep}")
     if not rotate:
-        if sparsity != 0 or slice_head or target_params is not None:
+        if sparsity != 0 or slice_head or target_params is not None or ffn_keep < 1:
             raise SliceGPTError("--no-rotate keeps the dense model: it needs --sparsity 0, no --target-params and no --slice-head")
         cfg.sparsity, cfg.round_to, cfg.slicing = 0.0, round_to, {"rotation": "none"}
         return {}
@@ -190,15 +195,17 @@ def slice_fused(
     if rotation not in ROTATIONS:
         raise SliceGPTError(f"unknown --rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
     batches = calibration_batches(calib, batch_size, device)
-    widths = plan_widths(model, cfg, batches, sparsity=sparsity, target_params=target_params, rotation=rotation,
-                         allocation=allocation, round_to=round_to, slice_head=slice_head, device=device)  # fmt: skip
+    intermediates = [kept_neurons(cfg.intermediate_size, ffn_keep)] * cfg.num_layers if ffn_keep < 1 else None
+    widths = plan_widths(model, cfg, batches, sparsity=sparsity, target_params=target_params, rotation=rotation, allocation=allocation,
+                         round_to=round_to, slice_head=slice_head, intermediates=intermediates, device=device)  # fmt: skip
     bar = tqdm(total=cfg.num_layers, desc="slicing layers", unit="layer", disable=not progress)
-    result = rotate_and_slice(model, batches, widths=widths, rotation=rotation, device=device, on_layer=lambda i: bar.update(1))
+    result = rotate_and_slice(model, batches, widths=widths, rotation=rotation, intermediates=intermediates, device=device,
+                              on_layer=lambda i: bar.update(1))  # fmt: skip
     bar.close()
     cfg.embedding_width, cfg.layers, cfg.head_in = result.embedding_width, result.layers, result.head_in
     cfg.sparsity = sparsity if target_params is None else 1 - sum(widths[:-1]) / (len(widths) - 1) / cfg.hidden_size
     cfg.round_to = round_to
-    cfg.slicing = {"rotation": rotation, "target_params": target_params,
+    cfg.slicing = {"rotation": rotation, "target_params": target_params, "ffn_keep": ffn_keep,
                    "allocation": allocation if target_params is not None else "uniform"}  # fmt: skip
     return result.eigenvalues
 
@@ -218,6 +225,7 @@ def slice_checkpoint(
     target_params: float | None = None,
     rotation: str | None = None,
     allocation: str = "uniform",
+    ffn_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
     calib: str | None = None,
@@ -259,6 +267,7 @@ def slice_checkpoint(
             target_params=target_params,
             rotation=rotation,
             allocation=allocation,
+            ffn_keep=ffn_keep,
             round_to=round_to,
             slice_head=slice_head,
             device=dev,

@@ -20,7 +20,10 @@ Two rotation schemes decide which stage outputs get a basis of their own:
   (Q_out = Q_in, a shortcut equal to the identity, not stored), so a sequential block carries
   one shortcut.  That basis serves two signals, the block input X and the mid-block residual
   X + attn(X), so its PCA runs on both: C = X^T X + Z^T Z with Z computed by the block's
-  (not yet rotated) attention on the unsliced X.
+  (not yet rotated) attention on the unsliced X;
+* ``global``: one basis Q for every signal, from the PCA of the dense model's residual signals
+  together, each normalised by its trace: C = sum_s C_s / tr(C_s).  Every shortcut is the
+  identity and none is stored (only a head kept wider than the stream needs one, [I 0]).
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import torch
 from torch import nn
 
 from slicegpt_export.checkpoint import LayerWidths
+from slicegpt_export.converter.ffn import GramAccumulator, prune_mlp
 from slicegpt_export.converter.pca import CovarianceAccumulator, principal_components
-from slicegpt_export.modeling import AttentionContext, ResidualStage, SlicedModel
+from slicegpt_export.modeling import MLP, AttentionContext, ResidualStage, SlicedModel, rms_norm
 
 logger = logging.getLogger(__name__)
 
-ROTATIONS = ("stage", "block")
+ROTATIONS = ("stage", "block", "global")
 
 
 def sliced_width(hidden_size: int, sparsity: float, round_to: int) -> int:
@@ -52,6 +56,8 @@ def rotated_stages(model: SlicedModel, rotation: str) -> list[tuple[int, int]]:
     """(layer, stage) of every stage whose output gets its own basis, in order; the last one feeds the head."""
     if rotation not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
+    if rotation == "global":  # one basis throughout; only the head's input may differ in width
+        return [(len(model.layers) - 1, len(model.layers[-1].stages) - 1)]
     out = []
     for i, layer in enumerate(model.layers):
         stages = range(len(layer.stages)) if rotation == "stage" else [len(layer.stages) - 1]
@@ -129,6 +135,14 @@ def covariance(signal_batches: list[list[torch.Tensor]], batches: list[Calibrati
     return acc.cov
 
 
+def mlp_gram(stage: ResidualStage, mlp: MLP, xs: list[torch.Tensor], batches: list[CalibrationBatch]) -> torch.Tensor:
+    """Gram matrix A^T A of the MLP's neuron activations on the stage inputs `xs` (as the sliced model sees them)."""
+    acc = GramAccumulator(mlp.up_proj.out_features, xs[0].device)
+    for x, b in zip(xs, batches):
+        acc.add(mlp.hidden(rms_norm(x, stage.full_width, stage.eps)), b.mask)
+    return acc.gram
+
+
 def mid_block_preview(stage: ResidualStage, ys: list[torch.Tensor], batches: list[CalibrationBatch]) -> list[torch.Tensor]:
     """Z = Y + attn(Y): the mid-block residual of a block whose attention stage is still unrotated.  Each (B, T, D)."""
     return [stage(y, b.ctx) for y, b in zip(ys, batches)]
@@ -165,6 +179,30 @@ def dense_spectra(model: SlicedModel, batches: list[CalibrationBatch], *, rotati
     return spectra
 
 
+@torch.no_grad()
+def global_basis(model: SlicedModel, batches: list[CalibrationBatch], *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and Q of C = sum_s C_s / tr(C_s) over every residual signal s of the fused, unsliced model.
+
+    One forward over the calibration batches, layer by layer on `device`: the embedding output and
+    every stage output each weigh the same, whatever their scale.  Returns ((D,), (D, D)) float64.
+    """
+    xs = embed_on_device(model, batches, device)
+    total = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], dtype=torch.float64, device=device)
+
+    def add(signal: list[torch.Tensor]) -> None:
+        cov = covariance([signal], batches)
+        total.add_(cov / cov.diagonal().sum())
+
+    add(xs)
+    for layer in model.layers:
+        layer.to(device)
+        for stage in layer.stages:
+            xs = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)
+            add(xs)
+        layer.to("cpu")
+    return principal_components(total)
+
+
 def embed_on_device(model: SlicedModel, batches: list[CalibrationBatch], device: torch.device) -> list[torch.Tensor]:
     """The embedding output of every batch, computed on `device` (each batch's attention context set on the way)."""
     dtype = model.embed_tokens.weight.dtype
@@ -195,11 +233,14 @@ def rotate_and_slice(
     widths: list[int],
     device: torch.device,
     rotation: str = "stage",
+    intermediates: list[int] | None = None,
     on_layer: Callable[[int], None] | None = None,
 ) -> SlicingResult:
     """Rotate and slice a fused model in place; `widths` has one width per signal of :func:`signal_names`.
 
-    Weights move to `device` one layer at a time; the calibration activations stay there.
+    `intermediates` (one per block) prunes each MLP to that many neurons (converter/ffn.py) on
+    the inputs the sliced model gives it.  Weights move to `device` one layer at a time; the
+    calibration activations stay there.
     """
     rotated = set(rotated_stages(model, rotation))
     if len(widths) != len(rotated) + 1:
@@ -207,10 +248,18 @@ def rotate_and_slice(
     dtype = model.embed_tokens.weight.dtype
     eigenvalues: dict[str, list[float]] = {}
     next_width = iter(widths)
+    shared = None
+    if rotation == "global":
+        eig, shared = global_basis(model, batches, device=device)  # (D,), (D, D)
+        eigenvalues["global"] = eig.tolist()
+        if widths[-1] == widths[0]:
+            rotated = set()  # the head reads the stream's own basis: no shortcut at all
     xs = embed_on_device(model, batches, device)  # (B, T, D) each
 
     def basis_for(name: str, ys: list[torch.Tensor], next_layer: int) -> torch.Tensor:
         """The first columns of the PCA of the signal `ys` (plus the next block's mid signal with block rotation)."""
+        if shared is not None:
+            return shared[:, : next(next_width)]
         signals = [ys]
         preview = rotation == "block" and next_layer < len(model.layers) and len(model.layers[next_layer].stages) > 1
         if preview:
@@ -232,6 +281,9 @@ def rotate_and_slice(
         for j, stage in enumerate(layer.stages):
             d_in = basis.shape[1]
             rotate_inputs(stage.input_linears(), basis)
+            mlp = stage.branches["mlp"] if "mlp" in stage.branches else None
+            if mlp is not None and intermediates is not None and intermediates[i] < mlp.up_proj.out_features:
+                prune_mlp(mlp, mlp_gram(stage, mlp, xs, batches), intermediates[i])
             if (i, j) in rotated:
                 stage.shortcut = basis.T.to(dtype)  # (d_in, D): back to the original basis
                 ys = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)
@@ -248,7 +300,8 @@ def rotate_and_slice(
             stage_widths.append((stage.d_in, stage.d_out))
         layer.to("cpu")
         (a_in, a_out), (m_in, m_out) = stage_widths[0], stage_widths[-1]
-        layer_widths.append(LayerWidths(attn_in=a_in, attn_out=a_out, mlp_in=m_in, mlp_out=m_out))
+        kept = intermediates[i] if intermediates is not None else None
+        layer_widths.append(LayerWidths(attn_in=a_in, attn_out=a_out, mlp_in=m_in, mlp_out=m_out, intermediate=kept))
         if on_layer is not None:
             on_layer(i)
     rotate_head_input(model, basis.cpu())

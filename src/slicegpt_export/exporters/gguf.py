@@ -73,11 +73,16 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
     w.add_uint32(spec.SPEC_VERSION_KEY, spec.SPEC_VERSION)
     w.add_string(spec.BASE_FAMILY, cfg.model_type)
     for k, v in [(spec.BLOCK_COUNT, cfg.num_layers), (spec.EMBEDDING_LENGTH, cfg.hidden_size),
-                 (spec.CONTEXT_LENGTH, cfg.max_position_embeddings), (spec.FEED_FORWARD_LENGTH, cfg.intermediate_size),
+                 (spec.CONTEXT_LENGTH, cfg.max_position_embeddings),
                  (spec.VOCAB_SIZE, cfg.vocab_size), (spec.HEAD_COUNT, cfg.num_heads), (spec.HEAD_COUNT_KV, cfg.num_kv_heads),
                  (spec.KEY_LENGTH, cfg.head_dim), (spec.VALUE_LENGTH, cfg.head_dim), (spec.POSITION_OFFSET, cfg.position_offset),
                  (spec.WIDTH_EMBEDDING, cfg.embedding_width), (spec.WIDTH_HEAD_IN, cfg.head_in)]:  # fmt: skip
         w.add_uint32(k, int(v))
+    intermediates = [layer.intermediate or cfg.intermediate_size for layer in cfg.layers]
+    if all(n == cfg.intermediate_size for n in intermediates):
+        w.add_uint32(spec.FEED_FORWARD_LENGTH, cfg.intermediate_size)
+    else:  # MLPs pruned per block: llama.cpp's per-layer form of the key
+        w.add_key_value(spec.FEED_FORWARD_LENGTH, intermediates, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
     w.add_float32(spec.NORM_EPSILON, cfg.norm_eps)
     w.add_float32(spec.SPARSITY, cfg.sparsity)
     if cfg.sliding_window is not None:

@@ -105,6 +105,7 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
     widths = {k: meta.get(k, list) for k in (spec.WIDTH_ATTN_IN, spec.WIDTH_ATTN_OUT, spec.WIDTH_MLP_IN, spec.WIDTH_MLP_OUT)}
     if any(len(v) != n for v in widths.values()):
         raise GGUFFormatError(f"{meta.path}: width arrays do not have block_count = {n} entries")
+    intermediates = feed_forward_lengths(meta, n)
     rope = None
     if meta.get(spec.POSITION_EMBEDDING, str) == "rope":
         kind = meta.get(spec.ROPE_SCALING_TYPE, str, "none")
@@ -126,7 +127,7 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
         num_heads=meta.get(spec.HEAD_COUNT, int),
         num_kv_heads=meta.get(spec.HEAD_COUNT_KV, int),
         head_dim=meta.get(spec.KEY_LENGTH, int),
-        intermediate_size=meta.get(spec.FEED_FORWARD_LENGTH, int),
+        intermediate_size=max(intermediates) if intermediates[0] else meta.get(spec.FEED_FORWARD_LENGTH, int),
         norm_eps=float(meta.get(spec.NORM_EPSILON, float)),
         max_position_embeddings=meta.get(spec.CONTEXT_LENGTH, int),
         block_kind=meta.get(spec.BLOCK_KIND, str),
@@ -139,13 +140,24 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
         position_offset=meta.get(spec.POSITION_OFFSET, int),
         sliding_window=meta.get(spec.SLIDING_WINDOW, int, None),
         embedding_width=meta.get(spec.WIDTH_EMBEDDING, int),
-        layers=[LayerWidths(*(int(widths[k][i]) for k in widths)) for i in range(n)],
+        layers=[LayerWidths(*(int(widths[k][i]) for k in widths), intermediate=intermediates[i]) for i in range(n)],
         head_in=meta.get(spec.WIDTH_HEAD_IN, int),
         tied_embeddings=meta.get(spec.TIED_EMBEDDINGS, bool),
         sparsity=float(meta.get(spec.SPARSITY, float, 0.0)),
     )
     check_config(cfg, meta.path)
     return cfg
+
+
+def feed_forward_lengths(meta: Metadata, n: int) -> list[int | None]:
+    """MLP neurons per block when the key is an array of block_count (pruned MLPs); [None] * n for one uint32."""
+    field = meta.fields.get(spec.FEED_FORWARD_LENGTH)
+    if field is not None and field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+        values = [int(v) for v in meta.get(spec.FEED_FORWARD_LENGTH, list)]
+        if len(values) != n or min(values, default=0) < 1:
+            raise GGUFFormatError(f"{meta.path}: {spec.FEED_FORWARD_LENGTH} must hold block_count = {n} positive entries")
+        return values
+    return [None] * n
 
 
 def check_config(cfg: SlicedConfig, path: Path) -> None:

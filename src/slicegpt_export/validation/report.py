@@ -150,7 +150,7 @@ def write_plots(directory: Path, results: list[ArtifactResult], checkpoint: Path
     written = []
     if spectra:
         fig, ax = plt.subplots(figsize=(8, 5))
-        names = [k for k in spectra if k.endswith(("mlp_shortcut", "attn_shortcut")) or k == "embedding"]
+        names = [k for k in spectra if k.endswith(("mlp_shortcut", "attn_shortcut")) or k in ("embedding", "global")]
         cmap = plt.get_cmap("viridis")
         for n, name in enumerate(names):
             values = spectra[name].double().clamp(min=1e-12)
@@ -211,6 +211,20 @@ def markdown_table(results: list[ArtifactResult]) -> str:
     return "\n".join(lines)
 
 
+def size_lines(cfg: Any) -> list[str]:
+    """The paper's slicing fraction beside the honest fractions: stored parameters and weight MACs per token vs dense."""
+    size = cfg.size
+    if "parameters" not in size:
+        return []
+    return [
+        "| measure | dense | sliced | fraction of dense |",
+        "|---|---|---|---|",
+        f"| hidden width (the paper's slicing fraction) | {cfg.hidden_size} | | {1 - cfg.sparsity:.3f} kept |",
+        f"| stored parameters (every tensor, tied ones once) | {size['dense_parameters']:,} | {size['parameters']:,} | {size['parameter_fraction']:.3f} |",
+        f"| weight multiply-accumulates per token | {size['dense_macs_per_token']:,} | {size['macs_per_token']:,} | {size['mac_fraction']:.3f} |",
+    ]
+
+
 def write_report(directory: Path, results: list[ArtifactResult], *, checkpoint: Path, extra: dict[str, Any] | None = None,
                  sweep: list[dict] | None = None) -> Path:  # fmt: skip
     """report.json, report.md and the plots into `directory`."""
@@ -224,7 +238,9 @@ def write_report(directory: Path, results: list[ArtifactResult], *, checkpoint: 
         f"# SliceGPT validation report: {cfg.model_type}, sparsity {cfg.sparsity:g}",
         "",
         f"Source: `{cfg.source_model}`. Width D = {cfg.hidden_size}; embedding {cfg.embedding_width}; "
-        f"block widths {widths}; head input {cfg.head_in}. Calibration: {cfg.calibration}.",
+        f"block widths {widths}; head input {cfg.head_in}. Slicing: {cfg.slicing}. Calibration: {cfg.calibration}.",
+        "",
+        *size_lines(cfg),
         "",
         markdown_table(results),
         "",

@@ -163,12 +163,14 @@ void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
             ffn_shortcut[i] = create_tensor(tn(LLM_TENSOR_FFN_SHORTCUT, "weight", i), {m_in, m_out}, m_in == m_out ? TENSOR_NOT_REQUIRED : 0);
         }
 
+        // MLP neurons per block: feed_forward_length may be a per-layer array (pruned MLPs)
+        const int64_t n_ff_l = hparams.n_ff(i);
         if (gated_mlp) {
-            layer.ffn_gate = create_tensor(tn(LLM_TENSOR_FFN_GATE, "weight", i), {m_in, n_ff}, 0);
+            layer.ffn_gate = create_tensor(tn(LLM_TENSOR_FFN_GATE, "weight", i), {m_in, n_ff_l}, 0);
         }
-        layer.ffn_up     = create_tensor(tn(LLM_TENSOR_FFN_UP,   "weight", i), {m_in, n_ff},  0);
-        layer.ffn_up_b   = create_tensor(tn(LLM_TENSOR_FFN_UP,   "bias",   i), {n_ff},        bias_mlp_flags);
-        layer.ffn_down   = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "weight", i), {n_ff, m_out}, 0);
+        layer.ffn_up     = create_tensor(tn(LLM_TENSOR_FFN_UP,   "weight", i), {m_in, n_ff_l},  0);
+        layer.ffn_up_b   = create_tensor(tn(LLM_TENSOR_FFN_UP,   "bias",   i), {n_ff_l},        bias_mlp_flags);
+        layer.ffn_down   = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "weight", i), {n_ff_l, m_out}, 0);
         layer.ffn_down_b = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "bias",   i), {m_out},       bias_mlp_flags);
 
         if (!learned_positions) {

@@ -1,0 +1,210 @@
+"""Perplexity against stored parameters and against measured decode speed, for every slicing mode (SmolLM2, the protocol).
+
+    scripts/build_llama_cpp.sh && python bench/pareto.py [--rows paper:0.25,block-uniform:0.75,...] [--skip-speed]
+
+Rows: paper-faithful slicing (`--sparsity s`: one basis per stage, uniform widths) at s = 0.1 ... 0.5,
+and each budget mode (`--target-params R`: rotation x allocation) at R = 0.9, 0.8, 0.75, 0.6.  For each
+row: stored parameters and weight multiply-accumulates per token against the dense model, perplexity
+on the protocol (reference), and decode speed against the dense model exported the same way in the
+same run: ONNX Runtime fp32 at batch 1 and 8 (dense = our fused dense graph, `--no-rotate`) and
+llama.cpp q8_0 at batch 1 (dense = the embedded SmolLM2 requantized to q8_0 by llama.cpp itself,
+stock `llama` architecture), each beside its bound (the dense/sliced ratio of weight MACs per token).
+Also the llama.cpp perplexity of each default q8_0 file.  Perplexities are cached per row in
+bench/work (they do not depend on the machine's load); speeds are measured afresh in every run.
+Writes pareto.json, pareto.md and pareto.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORK, protocol_checkpoint, sliced_checkpoint, test_windows
+from gguf_in_llama_cpp import THREADS, decode_speed, stock_dense_q8_0
+from onnx_speed import PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
+
+PAPER = [0.1, 0.2, 0.25, 0.3, 0.5]
+#: budget modes: slice_checkpoint options besides target_params
+BUDGET_MODES = {
+    "block-uniform": {"rotation": "block", "allocation": "uniform"},
+    "block-spectrum": {"rotation": "block", "allocation": "spectrum"},
+    "stage-uniform": {"rotation": "stage", "allocation": "uniform"},
+    "global-uniform": {"rotation": "global", "allocation": "uniform"},
+    "block-uniform-ffn90": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.9},
+    "block-uniform-ffn80": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.8},
+    "block-uniform-ffn70": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.7},
+}
+TARGETS = [0.9, 0.8, 0.75, 0.6]
+DEFAULT_ROWS = [f"paper:{s:g}" for s in PAPER] + [f"{m}:{r:g}" for m in BUDGET_MODES for r in TARGETS]
+
+
+def checkpoint_for(row: str) -> Path:
+    mode, value = row.split(":")
+    if mode == "paper":
+        return sliced_checkpoint(float(value))
+    return protocol_checkpoint(f"{mode}-{value}", target_params=float(value), **BUDGET_MODES[mode])
+
+
+def quality(row: str, checkpoint: Path, windows: torch.Tensor) -> dict:
+    """Size and reference perplexity of a row (cached beside the checkpoint)."""
+    from slicegpt_export.checkpoint import load_sliced, read_config
+    from slicegpt_export.validation.perplexity import perplexity
+
+    cache = checkpoint / "pareto-quality.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    cfg, _ = read_config(checkpoint)
+    model = load_sliced(checkpoint)
+    widths = [cfg.embedding_width] + [w.mlp_out for w in cfg.layers]
+    result = {
+        "row": row, **cfg.size, "slicing": cfg.slicing,
+        "widths": {"min": min(widths), "mean": sum(widths) / len(widths), "max": max(widths), "head_in": cfg.head_in},
+        "perplexity": perplexity(lambda ids: model(ids).logits, windows, progress=True),
+    }  # fmt: skip
+    cache.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def llama_cpp_perplexity(gguf_file: Path, windows: torch.Tensor) -> float:
+    from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
+    from slicegpt_export.validation.perplexity import perplexity
+
+    cache = gguf_file.with_suffix(".ppl.json")
+    if cache.is_file():
+        return json.loads(cache.read_text())["perplexity"]
+    model = LlamaCppModel(gguf_file, n_ctx=512, n_threads=THREADS)
+    ppl = perplexity(model.logits, windows, batch_size=1, progress=True)
+    model.close()
+    cache.write_text(json.dumps({"perplexity": ppl}))
+    return ppl
+
+
+def exports(checkpoint: Path) -> tuple[Path, Path]:
+    """The ONNX fp32 folder and the default q8_0 GGUF file of a checkpoint (cached)."""
+    from slicegpt_export.exporters.gguf import export_gguf
+    from slicegpt_export.exporters.onnx import export_onnx
+
+    onnx_dir, gguf_dir = checkpoint.with_name(checkpoint.name + "-onnx"), checkpoint.with_name(checkpoint.name + "-q8_0")
+    if not (onnx_dir / "model.onnx").is_file():
+        export_onnx(checkpoint=checkpoint, out=onnx_dir, overwrite=True)
+    gguf_file = gguf_dir / "model-q8_0.gguf"
+    if not gguf_file.is_file():
+        export_gguf(checkpoint=checkpoint, out=gguf_dir, gguf_type="q8_0", overwrite=True)
+    return onnx_dir, gguf_file
+
+
+def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
+    session = Session(onnx_dir)
+    return {
+        "onnx_b1": decode_tokens_per_second(session, 1),
+        "onnx_b8": decode_tokens_per_second(session, 8),
+        "llama_cpp_q8_0": decode_speed(gguf_file, prompt),
+    }
+
+
+def fmt_speed(row: dict, dense: dict, key: str) -> str:
+    if key not in row.get("speed", {}):
+        return "-"
+    ratio = row["speed"][key] / dense[key]
+    return f"{ratio:.2f}x ({ratio / row['bound']:.0%})"
+
+
+def markdown(rows: list[dict], dense: dict | None) -> str:
+    lines = [
+        "| slicing | widths min/mean/max (head) | stored params | vs dense | MACs/token vs dense = bound | perplexity "
+        "| llama.cpp q8_0 ppl | ONNX fp32 b1 | ONNX fp32 b8 | llama.cpp q8_0 b1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w = r["widths"]
+        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0")]
+        lines.append(
+            f"| {r['row']} | {w['min']}/{w['mean']:.0f}/{w['max']} ({w['head_in']}) | {r['parameters'] / 1e6:.1f}M "
+            f"| {r['parameter_fraction']:.3f} | {r['mac_fraction']:.3f} = {r['bound']:.2f}x | {r['perplexity']:.2f} "
+            f"| {r.get('llama_cpp_perplexity', float('nan')):.2f} | {' | '.join(speed)} |"
+        )
+    notes = [
+        "",
+        "Stored parameters count every tensor (a tied matrix once, shortcuts and projections included) against the dense",
+        "model's 134.5M; the bound is dense/sliced weight MACs per token; speed-ups are against the dense model exported",
+        "the same way and measured in the same run, with the fraction of the bound in brackets.",
+    ]
+    if dense:
+        notes.append(f"Dense decode in this run: ONNX fp32 b1 {dense['onnx_b1']:.1f} tok/s, b8 {dense['onnx_b8']:.1f} tok/s; "
+                     f"llama.cpp q8_0 (stock llama) {dense['llama_cpp_q8_0']:.1f} tok/s.")  # fmt: skip
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(rows: list[dict], dense: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if dense else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    modes = sorted({r["row"].split(":")[0] for r in rows}, key=lambda m: (m != "paper", m))
+    for mode in modes:
+        mine = sorted((r for r in rows if r["row"].startswith(mode + ":")), key=lambda r: r["parameter_fraction"])
+        axes[0][0].plot([r["parameter_fraction"] for r in mine], [r["perplexity"] for r in mine], marker="o", label=mode)
+        if dense:
+            xs = [r["speed"]["llama_cpp_q8_0"] / dense["llama_cpp_q8_0"] for r in mine]
+            axes[0][1].plot(xs, [r["perplexity"] for r in mine], marker="o", label=mode)
+    axes[0][0].set(xlabel="stored parameters / dense", ylabel="perplexity (WikiText-2 test)", title="Size")
+    axes[0][0].axvline(1.0, color="gray", lw=0.5)
+    if dense:
+        axes[0][1].set(xlabel="llama.cpp q8_0 decode speed / dense (batch 1)", ylabel="perplexity", title="Speed")
+        axes[0][1].axvline(1.0, color="gray", lw=0.5)
+    for ax in axes[0]:
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    from slicegpt_export.sources.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    parser.add_argument("--skip-speed", action="store_true", help="sizes and perplexities only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    dense_checkpoint = sliced_checkpoint(0.0, rotate=False)
+    windows = test_windows(load_tokenizer(dense_checkpoint))
+    dense_macs = weight_macs_per_token(dense_checkpoint)
+    prompt = windows[0, :PROMPT_LEN].tolist()
+    dense = None
+    if not args.skip_speed:
+        onnx_dir, _ = exports(dense_checkpoint)
+        session = Session(onnx_dir)
+        dense = {"onnx_b1": decode_tokens_per_second(session, 1), "onnx_b8": decode_tokens_per_second(session, 8),
+                 "llama_cpp_q8_0": decode_speed(stock_dense_q8_0(), prompt)}  # fmt: skip
+        print(json.dumps({"dense": dense}), file=sys.stderr)
+    rows = []
+    for row in args.rows.split(","):
+        checkpoint = checkpoint_for(row)
+        result = quality(row, checkpoint, windows)
+        result["bound"] = dense_macs / result["macs_per_token"]
+        if not args.skip_speed:
+            onnx_dir, gguf_file = exports(checkpoint)
+            result["llama_cpp_perplexity"] = llama_cpp_perplexity(gguf_file, windows)
+            result["speed"] = speeds(onnx_dir, gguf_file, prompt)
+        rows.append(result)
+        print(json.dumps(result), file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pareto.json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
+    (args.out / "pareto.md").write_text(markdown(rows, dense))
+    plot(rows, dense, args.out / "pareto.png")
+    print(markdown(rows, dense))
+
+
+if __name__ == "__main__":
+    main()
