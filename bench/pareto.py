@@ -33,6 +33,7 @@ PAPER = [0.1, 0.2, 0.25, 0.3, 0.5]
 BUDGET_MODES = {
     "block-uniform": {"rotation": "block", "allocation": "uniform"},
     "block-spectrum": {"rotation": "block", "allocation": "spectrum"},
+    "block-sensitivity": {"rotation": "block", "allocation": "sensitivity"},
     "stage-uniform": {"rotation": "stage", "allocation": "uniform"},
     "global-uniform": {"rotation": "global", "allocation": "uniform"},
     "block-uniform-ffn90": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.9},

@@ -31,7 +31,9 @@ def plan_of(cfg) -> list[int]:
     return widths
 
 
-@pytest.mark.parametrize(("rotation", "allocation"), [("stage", "spectrum"), ("block", "spectrum"), ("global", "uniform")])
+@pytest.mark.parametrize(
+    ("rotation", "allocation"), [("stage", "spectrum"), ("block", "spectrum"), ("block", "sensitivity"), ("global", "uniform")]
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plan_cost_counts_what_the_checkpoint_stores(family, rotation, allocation):
     hf = tiny_hf_model(family)
@@ -172,3 +174,19 @@ def test_least_squares_down_projection_beats_plain_dropping():
     dropped = acts[:, kept] @ down[:, kept].T
     # 48 correlated neurons span the 24 dimensions: least squares recovers the output almost exactly
     assert (refit - target).norm() / target.norm() < 0.02 < (dropped - target).norm() / target.norm()
+
+
+def test_sensitivity_curves_interpolate_and_steer_the_plan():
+    from slicegpt_export.converter.sensitivity import interpolated, sensitivity_plan
+
+    curve = {64: 0.0, 48: 0.1, 32: 0.4}
+    assert interpolated(curve, 56) == pytest.approx(0.05) and interpolated(curve, 40) == pytest.approx(0.25)
+    assert interpolated(curve, 64) == 0.0 and interpolated(curve, 16) > 0.4  # keeps rising past the narrowest probe
+    hf = tiny_hf_model("llama")
+    _, cfg, _ = fused_model(source_of(hf))
+    D = cfg.hidden_size
+    fragile, robust = {D: 0.0, 48: 1.0, 32: 3.0}, {D: 0.0, 48: 0.01, 32: 0.03}
+    budget = plan_cost(cfg, [D, D, D], "block").parameters * 9 // 10
+    widths = sensitivity_plan(cfg, [fragile, robust], "block", budget, round_to=8, slice_head=False)
+    assert widths[0] == D and widths[1] < D and widths[2] == D  # the measured-robust signal pays, the head keeps D
+    assert plan_cost(cfg, widths, "block").parameters <= budget

@@ -10,15 +10,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny import TINY_CONFIGS, VOCAB, write_sliced_checkpoint
+from tiny import BUDGET_CASES, TINY_CONFIGS, VOCAB, write_sliced_checkpoint
 
 from slicegpt_export import gguf_spec as spec
-from slicegpt_export.checkpoint import load_sliced, read_config
+from slicegpt_export.checkpoint import load_sliced, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.validation.gguf_runner import GGUFModel, validate_gguf
 
-CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]
+CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)] + BUDGET_CASES
 BOUNDS = {"f32": 1e-4, "f16": 1e-2}
 
 
@@ -58,6 +58,14 @@ def test_metadata_round_trips(checkpoint, tmp_path):
     got = model.config.to_dict()
     for k in ("calibration", "round_to", "format_version", "source_model", "size", "slicing"):  # checkpoint bookkeeping, not the model
         expected.pop(k), got.pop(k)
+    # MLP widths: the file holds each block's (an array when pruned), not the dense model's intermediate_size
+    assert [w.intermediate or model.config.intermediate_size for w in model.config.layers] == [
+        w.intermediate or cfg.intermediate_size for w in cfg.layers
+    ]
+    for section in (expected, got):
+        section.pop("intermediate_size")
+        for w in section["layers"]:
+            w.pop("intermediate")
     assert got == as_float32(expected)  # GGUF stores float32 scalars
     fields = model.reader.fields
     assert fields["general.architecture"].contents() == spec.ARCH
@@ -65,21 +73,21 @@ def test_metadata_round_trips(checkpoint, tmp_path):
     assert set(spec.REQUIRED_KEYS) <= set(fields)
     assert fields["tokenizer.ggml.eos_token_id"].contents() == base["eos_token_id"]
     names = {t.name for t in model.reader.tensors}
-    assert "blk.0.attn_shortcut.weight" in names and "token_embd.weight" in names
+    assert names - {spec.ROPE_FREQS} == {spec.gguf_name(n) for n in read_tensors(checkpoint)}  # every tensor, nothing else
     assert all(not n.endswith("norm.weight") for n in names)  # every norm is weightless
 
 
-def test_unaligned_rows_fall_back_to_f16(tmp_path, caplog):
+def test_block_quantized_files_pad_widths_and_quantize_every_matrix(tmp_path):
     checkpoint = write_sliced_checkpoint("llama", 0.25, tmp_path / "checkpoint")  # width 48: not a multiple of 32
-    with caplog.at_level("INFO"):
-        path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q4", gguf_type="q4_0")
-    assert "stored as f16" in caplog.text
-    types = {t.name: t.tensor_type for t in GGUFModel(path).reader.tensors}
-    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16  # rows of 48
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q4", gguf_type="q4_0")
+    model = GGUFModel(path)
+    assert model.config.embedding_width == 64 and {w.attn_in for w in model.config.layers} == {64}  # 48 padded
+    types = {t.name: t.tensor_type for t in model.reader.tensors}
+    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0  # rows of 64
     assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0  # rows of 96
     assert types["blk.0.ffn_shortcut.weight"] == gguf.GGMLQuantizationType.F16  # protected: the residual path
     assert types["output.weight"] == gguf.GGMLQuantizationType.Q8_0  # protected: the head of a 4-bit file
-    validate_gguf(path, checkpoint)  # q4_0 is reported, not bounded
+    validate_gguf(path, checkpoint)  # q4_0 is reported, not bounded; the padding itself is exact (test_budget.py)
 
 
 def test_shortcut_type_overrides_the_protection_rule(tmp_path):

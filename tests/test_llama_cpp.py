@@ -10,7 +10,7 @@ import struct
 import gguf
 import pytest
 import torch
-from tiny import VOCAB, write_sliced_checkpoint
+from tiny import BUDGET_CASES, VOCAB, write_sliced_checkpoint
 
 from slicegpt_export import gguf_spec as spec
 from slicegpt_export.checkpoint import load_sliced
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("llama_cpp")
 LOGIT_BOUND = 1e-3  # f32 file and f32 KV cache against the PyTorch reference (measured ~3e-6)
 # mistral: a sliding window of 12 positions, shorter than the 32 these tests reach
 FAMILIES = ("llama", "llama-tied", "llama-rope-llama3", "mistral", "qwen2", "opt", "phi")
-CASES = [(family, sparsity) for family in FAMILIES for sparsity in (0.0, 0.25)]
+CASES = [(family, sparsity) for family in FAMILIES for sparsity in (0.0, 0.25)] + BUDGET_CASES
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])

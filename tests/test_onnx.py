@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny import SEQLEN, TINY_CONFIGS, VOCAB, byte_ids, write_sliced_checkpoint
+from tiny import BUDGET_CASES, SEQLEN, TINY_CONFIGS, VOCAB, byte_ids, write_sliced_checkpoint
 
-from slicegpt_export.checkpoint import load_sliced
+from slicegpt_export.checkpoint import load_sliced, read_tensors
 from slicegpt_export.exporters.onnx import export_onnx
 from slicegpt_export.modeling import generate
 from slicegpt_export.onnx_spec import MODEL_FILE
@@ -19,7 +19,7 @@ from slicegpt_export.validation.onnx_runner import OnnxDecoder, compare_with_ref
 from slicegpt_export.validation.perplexity import perplexity
 
 TOLERANCE = 1e-4  # fp32 max |logit difference| on CPU
-CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)]
+CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)] + BUDGET_CASES
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
@@ -78,13 +78,15 @@ def test_graph_records_widths_shortcuts_and_config(exported):
     assert section == json.loads((checkpoint / "config.json").read_text())["slicegpt"]
     names = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
+    stored = read_tensors(checkpoint)
     for i, w in enumerate(section["layers"]):
-        assert names[f"layers.{i}.attn_shortcut"].op_type == "MatMul"
-        assert list(inits[f"layers.{i}.attn_shortcut"].dims) == [w["attn_in"], w["attn_out"]]
+        for kind, dims in (("attn_shortcut", [w["attn_in"], w["attn_out"]]), ("mlp_shortcut", [w["mlp_in"], w["mlp_out"]])):
+            name = f"layers.{i}.{kind}"  # a MatMul exactly where the checkpoint stores a shortcut (absent = identity)
+            assert (name in names) == (name in stored)
+            if name in stored:
+                assert names[name].op_type == "MatMul" and list(inits[name].dims) == dims
         qkv_out = (section["num_heads"] + 2 * section["num_kv_heads"]) * section["head_dim"]
         assert list(inits[f"layers.{i}.qkv_proj.weight"].dims) == [w["attn_in"], qkv_out]  # q, k, v packed: one MatMul
-        if section["block_kind"] == "sequential":
-            assert list(inits[f"layers.{i}.mlp_shortcut"].dims) == [w["mlp_in"], w["mlp_out"]]
     widths = {vi.type.tensor_type.shape.dim[2].dim_value for vi in model.graph.value_info}
     assert {section["embedding_width"], section["head_in"]} <= widths
     config = json.loads((onnx_dir / "config.json").read_text())

@@ -76,8 +76,23 @@ def save_tiny_model(name: str, folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def write_sliced_checkpoint(name: str, sparsity: float, folder: Path, *, train_on: Path | None = None) -> Path:
-    """Slice a tiny model on random calibration tokens and save it, byte tokenizer included.
+#: slicings the runtime suites cover besides plain sparsities: budgets with every structural option
+#: (one shortcut per block or none, per-layer widths, pruned MLPs, a sliced tied embedding matrix)
+SLICINGS: dict[str, dict[str, Any]] = {
+    "budget": {"target_params": 0.8, "rotation": "block", "allocation": "spectrum", "ffn_keep": 0.7},
+    "budget-tied": {"target_params": 0.8, "rotation": "block", "allocation": "spectrum", "ffn_keep": 0.7, "embed_keep": 0.75},
+    "budget-global": {"target_params": 0.8, "rotation": "global", "ffn_keep": 0.7},
+}
+#: (family, slicing) pairs beside each family's sparsities 0 and 0.25 in the ONNX, GGUF and llama.cpp suites
+BUDGET_CASES = [("llama-tied", "budget-tied"), ("opt", "budget-global"), ("phi", "budget"), ("qwen2", "budget")]
+
+
+def slice_options(slicing: float | str) -> dict[str, Any]:
+    return {"sparsity": slicing} if isinstance(slicing, float) else SLICINGS[slicing]
+
+
+def write_sliced_checkpoint(name: str, slicing: float | str, folder: Path, *, train_on: Path | None = None) -> Path:
+    """Slice a tiny model (a sparsity, or a name from SLICINGS) on random calibration tokens; save it with the byte tokenizer.
 
     With `train_on` (a text file) the model first gets 300 training steps on its bytes.  The
     end-of-text id is set to VOCAB - 1, which greedy decoding of these models does not reach
@@ -95,7 +110,7 @@ def write_sliced_checkpoint(name: str, sparsity: float, folder: Path, *, train_o
     if hf.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
-    model, cfg = slice_source(SourceModel(hf.config.to_dict(), sd, None, name), calib, sparsity=sparsity)
+    model, cfg = slice_source(SourceModel(hf.config.to_dict(), sd, None, name), calib, **slice_options(slicing))
     save_checkpoint(folder, tensors=model.named_weights(), config=cfg, base_config=hf.config.to_dict())
     byte_tokenizer().save_pretrained(folder)
     return folder

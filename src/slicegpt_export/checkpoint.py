@@ -32,9 +32,9 @@ A shortcut that is the identity (the block keeps its basis and width) is not sto
 once and the rotations travel in small matrices beside it:
 
 ==============================  =================================================
-``embed_tokens.weight``         (vocab, hidden_size)  -- also the head's weight
-``embed_proj``                  (hidden_size, embedding) -- absent = identity
-``lm_head.proj``                (head_in, hidden_size); no ``lm_head.weight``
+``embed_tokens.weight``         (vocab, e)  -- also the head's weight; e = tied_width or hidden_size
+``embed_proj``                  (e, embedding) -- absent = identity
+``lm_head.proj``                (head_in, e); no ``lm_head.weight``
 ==============================  =================================================
 
 The residual stream is a row vector: a shortcut maps ``x -> x @ S``, the embedding is
@@ -113,7 +113,8 @@ class SlicedConfig:
     embedding_width: int  # columns of embed_tokens (residual width entering layer 0)
     layers: list[LayerWidths]
     head_in: int  # columns of lm_head
-    tied_embeddings: bool = False  # embed_tokens (vocab, D) stored once, read by the embedding and the head
+    tied_embeddings: bool = False  # embed_tokens (vocab, e) stored once, read by the embedding and the head
+    tied_width: int | None = None  # e: columns of a tied embedding matrix sliced to E U (None: D)
     sparsity: float = 0.0  # the paper's slicing fraction (of the hidden width), 0 for a budget
     round_to: int = 8
     slicing: dict[str, Any] = dataclasses.field(default_factory=dict)  # how widths were chosen (rotation, allocation, budget)

@@ -50,7 +50,8 @@ POSITION_OFFSET = key("position_offset")  # learned positions: row = position + 
 SPARSITY = key("sparsity")  # float32, informative
 TIED_EMBEDDINGS = key("tied_embeddings")  # bool: token_embd is [D, V], read through token_embd_proj and by the head
 # ---- widths -----------------------------------------------------------------------------------
-WIDTH_EMBEDDING = key("width.embedding")
+WIDTH_EMBEDDING = key("width.embedding")  # d_emb: the residual width entering block 0
+WIDTH_TOKEN_EMBD = key("width.token_embd")  # columns of token_embd: d_emb untied; D (or fewer, E sliced) when tied
 WIDTH_ATTN_IN = key("width.attn_in")  # array[uint32] of block_count
 WIDTH_ATTN_OUT = key("width.attn_out")
 WIDTH_MLP_IN = key("width.mlp_in")
@@ -60,7 +61,7 @@ WIDTH_HEAD_IN = key("width.head_in")
 REQUIRED_KEYS = (
     SPEC_VERSION_KEY, BASE_FAMILY, BLOCK_COUNT, EMBEDDING_LENGTH, CONTEXT_LENGTH, FEED_FORWARD_LENGTH, VOCAB_SIZE,
     HEAD_COUNT, HEAD_COUNT_KV, KEY_LENGTH, VALUE_LENGTH, NORM_EPSILON, BLOCK_KIND, ACTIVATION, GATED_MLP,
-    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, TIED_EMBEDDINGS, WIDTH_EMBEDDING,
+    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, TIED_EMBEDDINGS, WIDTH_EMBEDDING, WIDTH_TOKEN_EMBD,
     WIDTH_ATTN_IN, WIDTH_ATTN_OUT, WIDTH_MLP_IN, WIDTH_MLP_OUT, WIDTH_HEAD_IN,
 )  # fmt: skip
 

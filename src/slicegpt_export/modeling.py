@@ -256,16 +256,22 @@ class ReferenceOutput:
     past_key_values: KVCache | None
 
 
-class TiedHead(nn.Module):
-    """The head of a model that stores its token embedding E (vocab, D) once: logits = (x @ proj) E^T + b.
+def tied_width(cfg: SlicedConfig) -> int:
+    """Columns of a tied embedding matrix: D, or fewer when the matrix itself was sliced (E U, U orthonormal D x e)."""
+    return getattr(cfg, "tied_width", None) or cfg.hidden_size
 
-    ``proj`` (head_in, D) carries what the untied head W = E diag(g) Q_L would hold besides E:
-    the final norm's scale g and the rotation Q_L (sliced to head_in rows), proj = Q_L^T diag(g).
+
+class TiedHead(nn.Module):
+    """The head of a model that stores its token embedding E (vocab, e) once: logits = (x @ proj) E^T + b.
+
+    ``proj`` (head_in, e) carries what the untied head W = E diag(g) Q_L would hold besides E:
+    the final norm's scale g and the rotation Q_L (sliced to head_in rows), proj = Q_L^T diag(g)
+    (times U when E was sliced to E U).
     """
 
-    def __init__(self, head_in: int, hidden_size: int, vocab_size: int, bias: bool) -> None:
+    def __init__(self, head_in: int, width: int, vocab_size: int, bias: bool) -> None:
         super().__init__()
-        self.proj = nn.Parameter(torch.empty(head_in, hidden_size, device="meta"), requires_grad=False)
+        self.proj = nn.Parameter(torch.empty(head_in, width, device="meta"), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(vocab_size, device="meta"), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -277,16 +283,16 @@ class SlicedModel(nn.Module):
     """A sliced (or fused, unsliced) decoder built from a :class:`SlicedConfig`.
 
     Untied: ``embed_tokens`` (vocab, d_emb) and ``lm_head`` (vocab, head_in).  Tied
-    (``cfg.tied_embeddings``): ``embed_tokens`` (vocab, D) is stored once and read by both ends,
-    the residual enters through ``embed_proj`` (D, d_emb; absent = identity) and leaves through
-    the :class:`TiedHead`.
+    (``cfg.tied_embeddings``): ``embed_tokens`` (vocab, e) is stored once and read by both ends
+    (e = D, or ``cfg.tied_width`` when the matrix was sliced), the residual enters through
+    ``embed_proj`` (e, d_emb; absent = identity) and leaves through the :class:`TiedHead`.
     """
 
     def __init__(self, cfg: SlicedConfig) -> None:
         super().__init__()
         self.config = cfg
         tied = bool(getattr(cfg, "tied_embeddings", False))
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size if tied else cfg.embedding_width, device="meta")
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, tied_width(cfg) if tied else cfg.embedding_width, device="meta")
         self.embed_positions = (
             nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.embedding_width, device="meta")
             if cfg.position_embedding == "learned"
@@ -295,7 +301,7 @@ class SlicedModel(nn.Module):
         self.register_buffer("embed_proj", None, persistent=False)  # (D, d_emb) when tied; None = identity
         self.layers = nn.ModuleList([DecoderLayer(cfg, i, w) for i, w in enumerate(cfg.layers)])
         self.lm_head: nn.Module = (
-            TiedHead(cfg.head_in, cfg.hidden_size, cfg.vocab_size, cfg.bias["head"])
+            TiedHead(cfg.head_in, tied_width(cfg), cfg.vocab_size, cfg.bias["head"])
             if tied
             else linear(cfg.head_in, cfg.vocab_size, cfg.bias["head"])
         )
@@ -311,7 +317,7 @@ class SlicedModel(nn.Module):
         """Optional matrices on the residual path: checkpoint name -> (owner, attribute, shape); absent = identity."""
         out: dict[str, tuple[nn.Module, str, tuple[int, int]]] = {}
         if self.tied:
-            out["embed_proj"] = (self, "embed_proj", (self.config.hidden_size, self.config.embedding_width))
+            out["embed_proj"] = (self, "embed_proj", (tied_width(self.config), self.config.embedding_width))
         for i, layer in enumerate(self.layers):
             for stage in layer.stages:
                 out[f"layers.{i}.{stage.shortcut_name}"] = (stage, "shortcut", (stage.d_in, stage.d_out))

@@ -13,8 +13,10 @@ Allocators choose the plan for a budget B = R x (dense stored parameters):
 * ``spectrum``: per-signal widths from the PCA spectra of the dense model: starting from full
   width, repeatedly narrow the signal whose next cut of round_to directions discards the least
   variance (as a fraction of that signal's total) per stored parameter saved, until the plan
-  fits.  SliceGPT's Table 6 found such allocation can hurt (Llama-2) or help (OPT); the
-  benchmark measures it.
+  fits.  SliceGPT's Table 6 found such allocation can hurt (Llama-2) or help (OPT); on SmolLM2
+  it hurts badly (bench/results/pareto.md): outlier directions make middle layers look cheap;
+* ``sensitivity``: the same greedy narrowing, scored by the measured rise of the calibration
+  loss when each signal alone is sliced (converter/sensitivity.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from slicegpt_export.errors import SliceGPTError
 
 logger = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "spectrum")
+ALLOCATIONS = ("uniform", "spectrum", "sensitivity")
 
 
 @dataclasses.dataclass
@@ -93,9 +95,9 @@ def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str, intermediates
     d0, head_in = widths[0], widths[-1]
     params = macs = 0
     if cfg.tied_embeddings:
-        params += V * D + D * d0  # E once, embed_proj
-        macs += D * d0 + V * D + head_in * D  # embed_proj, the head's product with E, lm_head.proj
-        params += head_in * D
+        e = cfg.tied_width or D  # columns of the one matrix E
+        params += V * e + e * d0 + head_in * e  # E once, embed_proj, lm_head.proj
+        macs += e * d0 + V * e + head_in * e  # embed_proj, the head's product with E, lm_head.proj
     else:
         params += V * d0 + V * head_in
         macs += V * head_in
@@ -114,6 +116,12 @@ def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str, intermediates
         params += w.attn_out if bias["attn_out"] else 0
         params += (n_in * F + w.mlp_out) if bias["mlp"] else 0
     return Cost(params, macs)
+
+
+def kept_count(total: int, keep_fraction: float, multiple: int = 32) -> int:
+    """int(keep_fraction * total) rounded down to a multiple of `multiple` (block-quantization friendly), at least `multiple`."""
+    k = int(keep_fraction * total)
+    return min(total, max(multiple, k - k % multiple))
 
 
 def uniform_plan(

@@ -25,18 +25,20 @@ from slicegpt_export.checkpoint import (
     weight_macs_per_token,
 )  # fmt: skip
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
-from slicegpt_export.converter.budget import ALLOCATIONS, spectrum_plan, uniform_plan
+from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
+from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
 from slicegpt_export.converter.calibration import calibration_ids
-from slicegpt_export.converter.ffn import kept_neurons
 from slicegpt_export.converter.fusion import fuse_norms
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
     CalibrationBatch,
     dense_spectra,
     rotate_and_slice,
+    slice_tied_matrix,
     sliced_width,
+    tied_matrix_basis,
     uniform_widths,
-)  # fmt: skip
+)
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import SlicedModel, generate
@@ -118,6 +120,21 @@ class SliceSummary:
     out: Path | None
 
 
+#: calibration windows the sensitivity allocation measures on (a few suffice: it ranks layers)
+SENSITIVITY_WINDOWS = 8
+
+
+def batches_of_windows(batches: list[CalibrationBatch], windows: int) -> list[CalibrationBatch]:
+    """The leading batches holding about `windows` calibration windows (at least one batch)."""
+    out, n = [], 0
+    for b in batches:
+        if n >= windows:
+            break
+        out.append(CalibrationBatch(b.ids, b.mask))
+        n += b.ids.shape[0]
+    return out
+
+
 def check_target(target_params: float | None, sparsity: float) -> None:
     if target_params is None:
         return
@@ -140,6 +157,7 @@ def plan_widths(
     slice_head: bool,
     intermediates: list[int] | None,
     device: torch.device,
+    progress: bool = False,
 ) -> list[int]:
     """One width per residual signal: the paper's uniform width for `sparsity`, or a plan within the budget."""
     D = cfg.hidden_size
@@ -152,6 +170,11 @@ def plan_widths(
         return uniform_plan(cfg, rotation, budget, **options)
     if allocation == "spectrum":
         return spectrum_plan(cfg, dense_spectra(model, batches, rotation=rotation, device=device), rotation, budget, **options)
+    if allocation == "sensitivity":
+        probe = batches_of_windows(batches, SENSITIVITY_WINDOWS)
+        curves = measure_sensitivities(model, probe, rotation=rotation, round_to=round_to, device=device, measure_head=slice_head,
+                                       progress=progress)  # fmt: skip
+        return sensitivity_plan(cfg, curves, rotation, budget, **options)
     raise SliceGPTError(f"unknown --allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
 
 
@@ -165,6 +188,7 @@ def slice_fused(
     rotation: str | None = None,
     allocation: str = "uniform",
     ffn_keep: float = 1.0,
+    embed_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
     device: torch.device | None = None,
@@ -177,17 +201,21 @@ def slice_fused(
     Widths: the paper's ``sparsity`` (every signal int((1 - s) D) rounded down), or a stored-
     parameter budget ``target_params`` x dense with an allocation.  ``rotation`` (see
     slicing.py) defaults to the paper's per-stage bases for ``sparsity`` and to one basis per
-    block for budgets.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py).
+    block for budgets.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py);
+    ``embed_keep`` < 1 slices a tied embedding matrix to that fraction of its D columns (slicing.py).
     Records widths and choices in `cfg`; returns the eigenvalues of every PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
     shortcuts, the plain dense model in the sliced-checkpoint format.
     """
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
     device = device if device is not None else torch.device("cpu")
-    if not 0.0 < ffn_keep <= 1.0:
-        raise SliceGPTError(f"--ffn-keep must be in (0, 1], got {ffn_keep}")
+    for name, keep in (("--ffn-keep", ffn_keep), ("--embed-keep", embed_keep)):
+        if not 0.0 < keep <= 1.0:
+            raise SliceGPTError(f"{name} must be in (0, 1], got {keep}")
+    if embed_keep < 1 and not cfg.tied_embeddings:
+        raise SliceGPTError("--embed-keep slices a tied embedding matrix; this model's head is not tied to its embedding")
     if not rotate:
-        if sparsity != 0 or slice_head or target_params is not None or ffn_keep < 1:
+        if sparsity != 0 or slice_head or target_params is not None or ffn_keep < 1 or embed_keep < 1:
             raise SliceGPTError("--no-rotate keeps the dense model: it needs --sparsity 0, no --target-params and no --slice-head")
         cfg.sparsity, cfg.round_to, cfg.slicing = 0.0, round_to, {"rotation": "none"}
         return {}
@@ -195,17 +223,22 @@ def slice_fused(
     if rotation not in ROTATIONS:
         raise SliceGPTError(f"unknown --rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
     batches = calibration_batches(calib, batch_size, device)
-    intermediates = [kept_neurons(cfg.intermediate_size, ffn_keep)] * cfg.num_layers if ffn_keep < 1 else None
+    intermediates = [kept_count(cfg.intermediate_size, ffn_keep)] * cfg.num_layers if ffn_keep < 1 else None
+    tied_width = kept_count(cfg.hidden_size, embed_keep) if embed_keep < 1 else None
+    cfg.tied_width = tied_width  # the plan counts the sliced matrix
     widths = plan_widths(model, cfg, batches, sparsity=sparsity, target_params=target_params, rotation=rotation, allocation=allocation,
-                         round_to=round_to, slice_head=slice_head, intermediates=intermediates, device=device)  # fmt: skip
+                         round_to=round_to, slice_head=slice_head, intermediates=intermediates, device=device,
+                         progress=progress)  # fmt: skip
     bar = tqdm(total=cfg.num_layers, desc="slicing layers", unit="layer", disable=not progress)
     result = rotate_and_slice(model, batches, widths=widths, rotation=rotation, intermediates=intermediates, device=device,
                               on_layer=lambda i: bar.update(1))  # fmt: skip
     bar.close()
+    if tied_width is not None:
+        slice_tied_matrix(model, tied_matrix_basis(model, result.head_inputs, batches, tied_width))
     cfg.embedding_width, cfg.layers, cfg.head_in = result.embedding_width, result.layers, result.head_in
     cfg.sparsity = sparsity if target_params is None else 1 - sum(widths[:-1]) / (len(widths) - 1) / cfg.hidden_size
     cfg.round_to = round_to
-    cfg.slicing = {"rotation": rotation, "target_params": target_params, "ffn_keep": ffn_keep,
+    cfg.slicing = {"rotation": rotation, "target_params": target_params, "ffn_keep": ffn_keep, "embed_keep": embed_keep,
                    "allocation": allocation if target_params is not None else "uniform"}  # fmt: skip
     return result.eigenvalues
 
@@ -226,6 +259,7 @@ def slice_checkpoint(
     rotation: str | None = None,
     allocation: str = "uniform",
     ffn_keep: float = 1.0,
+    embed_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
     calib: str | None = None,
@@ -268,6 +302,7 @@ def slice_checkpoint(
             rotation=rotation,
             allocation=allocation,
             ffn_keep=ffn_keep,
+            embed_keep=embed_keep,
             round_to=round_to,
             slice_head=slice_head,
             device=dev,

@@ -64,9 +64,3 @@ def prune_mlp(mlp: MLP, gram: torch.Tensor, keep: int) -> None:
     mlp.down_proj.in_features = mlp.up_proj.out_features = keep
     if mlp.gate_proj is not None:
         mlp.gate_proj.out_features = keep
-
-
-def kept_neurons(intermediate_size: int, keep_fraction: float, multiple: int = 32) -> int:
-    """round(keep_fraction * F) down to a multiple of `multiple` (block-quantization friendly), at least `multiple`."""
-    k = int(keep_fraction * intermediate_size)
-    return min(intermediate_size, max(multiple, k - k % multiple))

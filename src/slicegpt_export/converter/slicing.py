@@ -82,6 +82,7 @@ class SlicingResult:
     layers: list[LayerWidths]
     head_in: int
     eigenvalues: dict[str, list[float]]  # signal name -> eigenvalues (descending) of its damped covariance
+    head_inputs: list[torch.Tensor]  # the signal the head reads, per calibration batch: (B, T, head_in) on the device
 
 
 @dataclasses.dataclass
@@ -133,6 +134,34 @@ def covariance(signal_batches: list[list[torch.Tensor]], batches: list[Calibrati
         for y, batch in zip(signals, batches):
             acc.add(y, batch.mask)
     return acc.cov
+
+
+@torch.no_grad()
+def tied_matrix_basis(model: SlicedModel, head_inputs: list[torch.Tensor], batches: list[CalibrationBatch], width: int) -> torch.Tensor:
+    """U (D, e): where a tied embedding matrix E may be sliced to E U with least harm at both of its ends.
+
+    E is read twice: rows E[t] by the embedding, and E z by the head, z = norm(x) @ proj (D).
+    U holds the top e eigenvectors of C_E / tr(C_E) + C_z / tr(C_z), C_E the covariance of the
+    rows the calibration tokens read, C_z that of the head's z.
+    """
+    E, proj = model.embed_tokens.weight, model.lm_head.proj
+    device = head_inputs[0].device
+    rows = [E[b.ids.cpu()].to(device) for b in batches]  # (B, T, D)
+    zs = [rms_norm(x, model.config.hidden_size, model.config.norm_eps) @ proj.to(device) for x in head_inputs]  # (B, T, D)
+    c_rows, c_z = covariance([rows], batches), covariance([zs], batches)
+    _, Q = principal_components(c_rows / c_rows.diagonal().sum() + c_z / c_z.diagonal().sum())
+    return Q[:, :width].cpu()  # (D, e) float64
+
+
+def slice_tied_matrix(model: SlicedModel, U: torch.Tensor) -> None:
+    """E <- E U (vocab, e), embed_proj <- U^T embed_proj, proj <- proj U: both ends read the same e columns."""
+    dtype = model.embed_tokens.weight.dtype
+    E = model.embed_tokens.weight
+    E.data = (E.data.double() @ U).to(dtype)
+    start = model.embed_proj.double() if model.embed_proj is not None else torch.eye(U.shape[0], dtype=torch.float64)
+    model.embed_proj = (U.T @ start).to(dtype)  # (e, d_emb)
+    proj = model.lm_head.proj
+    proj.data = (proj.data.double() @ U).to(dtype)  # (head_in, e)
 
 
 def mlp_gram(stage: ResidualStage, mlp: MLP, xs: list[torch.Tensor], batches: list[CalibrationBatch]) -> torch.Tensor:
@@ -305,4 +334,4 @@ def rotate_and_slice(
         if on_layer is not None:
             on_layer(i)
     rotate_head_input(model, basis.cpu())
-    return SlicingResult(widths[0], layer_widths, basis.shape[1], eigenvalues)
+    return SlicingResult(widths[0], layer_widths, basis.shape[1], eigenvalues, xs)

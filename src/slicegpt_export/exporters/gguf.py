@@ -76,7 +76,8 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
                  (spec.CONTEXT_LENGTH, cfg.max_position_embeddings),
                  (spec.VOCAB_SIZE, cfg.vocab_size), (spec.HEAD_COUNT, cfg.num_heads), (spec.HEAD_COUNT_KV, cfg.num_kv_heads),
                  (spec.KEY_LENGTH, cfg.head_dim), (spec.VALUE_LENGTH, cfg.head_dim), (spec.POSITION_OFFSET, cfg.position_offset),
-                 (spec.WIDTH_EMBEDDING, cfg.embedding_width), (spec.WIDTH_HEAD_IN, cfg.head_in)]:  # fmt: skip
+                 (spec.WIDTH_EMBEDDING, cfg.embedding_width), (spec.WIDTH_HEAD_IN, cfg.head_in),
+                 (spec.WIDTH_TOKEN_EMBD, (cfg.tied_width or cfg.hidden_size) if cfg.tied_embeddings else cfg.embedding_width)]:  # fmt: skip
         w.add_uint32(k, int(v))
     intermediates = [layer.intermediate or cfg.intermediate_size for layer in cfg.layers]
     if all(n == cfg.intermediate_size for n in intermediates):

@@ -204,7 +204,7 @@ class DecoderGraph:
     def build(self) -> onnx.ModelProto:
         cfg, g = self.cfg, self.g
         x = g.op("Gather", [g.weight("embed_tokens.weight", self.tensors["embed_tokens.weight"]), INPUT_IDS], name="embed_tokens")
-        if "embed_proj" in self.tensors:  # tied: (B, T, D) -> (B, T, d_emb)
+        if "embed_proj" in self.tensors:  # tied: (B, T, e) -> (B, T, d_emb)
             x = g.op("MatMul", [x, g.weight("embed_proj", self.tensors["embed_proj"])], name="embed_proj")
         if cfg.position_embedding == "learned":
             rows = g.op("Add", [POSITION_IDS, g.const_i64("embed_positions.offset", [cfg.position_offset])], name="/positions/offset")
@@ -238,10 +238,11 @@ class DecoderGraph:
         return self.model()
 
     def tied_head(self, h: str) -> None:
-        """logits = (h @ proj) E^T + b, with the one embedding initializer E (vocab, D) read by a Gemm (transB=1)."""
+        """logits = (h @ proj) E^T + b, with the one embedding initializer E (vocab, e) read by a Gemm (transB=1)."""
         cfg, g = self.cfg, self.g
-        y = g.op("MatMul", [h, g.weight("lm_head.proj", self.tensors["lm_head.proj"])], name="lm_head/proj")  # (B, T, D)
-        rows = g.op("Reshape", [y, g.const_i64("lm_head.rows", [-1, cfg.hidden_size])], name="lm_head/rows")  # (B*T, D)
+        y = g.op("MatMul", [h, g.weight("lm_head.proj", self.tensors["lm_head.proj"])], name="lm_head/proj")  # (B, T, e)
+        width = self.tensors["embed_tokens.weight"].shape[1]  # e: D, or fewer when E itself was sliced
+        rows = g.op("Reshape", [y, g.const_i64("lm_head.rows", [-1, width])], name="lm_head/rows")  # (B*T, e)
         inputs = [rows, "embed_tokens.weight"]
         if "lm_head.bias" in self.tensors:
             inputs.append(g.weight("lm_head.bias", self.tensors["lm_head.bias"]))

@@ -42,7 +42,8 @@ def pad_residual_widths(
 ) -> tuple[SlicedConfig, dict[str, torch.Tensor]]:
     """A copy of the checkpoint with every residual width padded to a multiple of `multiple` (exact, see above)."""
     p = lambda w: padded(w, multiple)  # noqa: E731
-    widths = [cfg.embedding_width, cfg.head_in] + [getattr(w, f.name) for w in cfg.layers for f in dataclasses.fields(w)]
+    residual = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+    widths = [cfg.embedding_width, cfg.head_in, cfg.tied_width or 0] + [getattr(w, f) for w in cfg.layers for f in residual]
     if all(w == p(w) for w in widths):
         return cfg, tensors
     out = dict(tensors)
@@ -52,6 +53,11 @@ def pad_residual_widths(
             out[name] = pad_dims(out[name], rows, cols)
 
     d_emb, d_head = p(cfg.embedding_width), p(cfg.head_in)
+    tied_width = p(cfg.tied_width) if cfg.tied_width else None  # a sliced tied matrix E (vocab, e): zero columns
+    if tied_width:
+        pad("embed_tokens.weight", cols=tied_width)
+        pad("embed_proj", rows=tied_width)
+        pad("lm_head.proj", cols=tied_width)
     pad("embed_proj" if cfg.tied_embeddings else "embed_tokens.weight", cols=d_emb)
     pad("embed_positions.weight", cols=d_emb)
     pad("lm_head.proj" if cfg.tied_embeddings else "lm_head.weight", **({"rows": d_head} if cfg.tied_embeddings else {"cols": d_head}))
@@ -68,6 +74,6 @@ def pad_residual_widths(
         pad(f"layers.{i}.down_proj.weight", rows=m_out)
         pad(f"layers.{i}.down_proj.bias", rows=m_out)
         pad(f"layers.{i}.mlp_shortcut", rows=m_in, cols=m_out)
-        layers.append(LayerWidths(a_in, a_out, m_in, m_out))
+        layers.append(LayerWidths(a_in, a_out, m_in, m_out, w.intermediate))
     logger.info("residual widths padded to multiples of %d (exact: zero coordinates)", multiple)
-    return dataclasses.replace(cfg, embedding_width=d_emb, layers=layers, head_in=d_head), out
+    return dataclasses.replace(cfg, embedding_width=d_emb, layers=layers, head_in=d_head, tied_width=tied_width), out

@@ -106,6 +106,7 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
     if any(len(v) != n for v in widths.values()):
         raise GGUFFormatError(f"{meta.path}: width arrays do not have block_count = {n} entries")
     intermediates = feed_forward_lengths(meta, n)
+    tied, token_width = meta.get(spec.TIED_EMBEDDINGS, bool), meta.get(spec.WIDTH_TOKEN_EMBD, int)
     rope = None
     if meta.get(spec.POSITION_EMBEDDING, str) == "rope":
         kind = meta.get(spec.ROPE_SCALING_TYPE, str, "none")
@@ -142,7 +143,8 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
         embedding_width=meta.get(spec.WIDTH_EMBEDDING, int),
         layers=[LayerWidths(*(int(widths[k][i]) for k in widths), intermediate=intermediates[i]) for i in range(n)],
         head_in=meta.get(spec.WIDTH_HEAD_IN, int),
-        tied_embeddings=meta.get(spec.TIED_EMBEDDINGS, bool),
+        tied_embeddings=tied,
+        tied_width=token_width if tied and token_width != meta.get(spec.EMBEDDING_LENGTH, int) else None,
         sparsity=float(meta.get(spec.SPARSITY, float, 0.0)),
     )
     check_config(cfg, meta.path)

@@ -93,13 +93,16 @@ void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
     bias_head  = slicegpt_get_bool(ml, "bias.head");
 
     // the residual stream is narrower than D: llama.cpp's n_embd is the width of token_embd's rows (what
-    // the input path reads: D when the embedding is tied to the head, else the embedding width),
+    // the input path reads: the embedding width, or when tied to the head D or the sliced matrix's width),
     // n_embd_out the head's input width, and D is kept for the norms
     n_embd_orig            = hparams.n_embd;
     width_embedding        = slicegpt_get_u32(ml, "width.embedding");
-    hparams.n_embd         = tied_embeddings ? n_embd_orig : width_embedding;
+    hparams.n_embd         = slicegpt_get_u32(ml, "width.token_embd");  // D, or fewer when a tied matrix was sliced
     hparams.n_embd_out_impl = slicegpt_get_u32(ml, "width.head_in");
 
+    if ((!tied_embeddings && hparams.n_embd != width_embedding) || hparams.n_embd > n_embd_orig) {
+        throw std::runtime_error("slicegpt: width.token_embd must be width.embedding (untied) and at most embedding_length");
+    }
     if (width_attn_in[0] != width_embedding || width_mlp_out[n_layer - 1] != hparams.n_embd_out_impl) {
         throw std::runtime_error("slicegpt: per-layer widths do not chain from the embedding to the head");
     }
@@ -129,7 +132,7 @@ void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
 
     const int64_t n_embd_head_in = hparams.n_embd_out_impl;
     if (tied_embeddings) {
-        // one [D, n_vocab] matrix read by the input path and by the head, as llama.cpp's tied models do;
+        // one [n_embd, n_vocab] matrix read by the input path and by the head, as llama.cpp's tied models do;
         // the rotations travel in two small matrices beside it (token_embd_proj absent = identity)
         tok_embd_proj = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD_PROJ, "weight"), {n_embd, d_emb}, d_emb == n_embd ? TENSOR_NOT_REQUIRED : 0);
         output_proj   = create_tensor(tn(LLM_TENSOR_OUTPUT_PROJ, "weight"), {n_embd_head_in, n_embd}, 0);
@@ -324,7 +327,7 @@ llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph
     res->t_embd = cur;
 
     if (model.output_proj) {
-        cur = build_lora_mm(model.output_proj, cur);  // [D, n_tokens]: the tied head's rotation and norm scale
+        cur = build_lora_mm(model.output_proj, cur);  // [n_embd, n_tokens]: the tied head's rotation and norm scale
         cb(cur, "result_proj", -1);
     }
     cur = build_lora_mm(model.output, cur);  // [n_vocab, n_tokens]
