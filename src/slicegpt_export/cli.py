@@ -55,6 +55,8 @@ def main(
     target_params: Annotated[float | None, typer.Option(help=TARGET_HELP)] = None,
     rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
+    ffn_keep: Annotated[float, typer.Option(help=FFN_KEEP_HELP)] = 1.0,
+    embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
     out: Annotated[Path, typer.Option(help="Output folder of the one-shot job.")] = Path("slicegpt-out"),
     calib: Annotated[str | None, typer.Option(help="Calibration text (file, folder or dataset).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
@@ -85,7 +87,7 @@ def main(
     from slicegpt_export.pipeline import run_job
 
     options = dict(round_to=round_to, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                   calib_batch_size=calib_batch_size, seed=seed, device=device, **budget_options(target_params, rotation, allocation))  # fmt: skip
+                   calib_batch_size=calib_batch_size, seed=seed, device=device, **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep))  # fmt: skip
     try:
         job = run_job(out=out, formats=format, model=model, sparsity=paper_sparsity(sparsity, target_params), eval_text=eval_text, slice_options=options,
                       precision=precision, quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, sweep=parse_sweep(sweep),
@@ -99,8 +101,12 @@ def main(
 SPARSITY_HELP = "The paper's slicing fraction of the hidden width, in [0, 1) (default 0.25 unless --target-params)."
 TARGET_HELP = ("Stored-parameter budget R in (0, 1): the sliced model holds at most R x the dense model's stored "
                "parameters (every tensor, tied ones once); widths are chosen to fit.")  # fmt: skip
-ROTATION_HELP = "stage: a basis per attention/MLP output, two shortcuts per block (the paper); block: one shortcut per block. Default: stage for --sparsity, block for --target-params."
-ALLOCATION_HELP = "How a --target-params budget is spread over layers: uniform (one width) or spectrum (from the PCA spectra)."
+ALLOCATION_HELP = ("How a --target-params budget is spread over layers: uniform (one width), sensitivity (measured per layer) "
+                   "or spectrum (from the PCA spectra).")  # fmt: skip
+ROTATION_HELP = ("stage: a basis per attention/MLP output, two shortcuts per block (the paper); block: one shortcut per block; "
+                 "global: one basis, no shortcut. Default: stage for --sparsity, block for --target-params.")  # fmt: skip
+FFN_KEEP_HELP = "Fraction of every MLP's neurons to keep (the down projection refitted by least squares)."
+EMBED_KEEP_HELP = "Fraction of a tied embedding matrix's columns to keep (tied models only)."
 DEFAULT_SPARSITY = 0.25
 
 
@@ -111,8 +117,8 @@ def paper_sparsity(sparsity: float | None, target_params: float | None) -> float
     return 0.0 if target_params is not None else DEFAULT_SPARSITY
 
 
-def budget_options(target_params: float | None, rotation: str | None, allocation: str) -> dict[str, Any]:
-    return {"target_params": target_params, "rotation": rotation, "allocation": allocation}
+def budget_options(target_params: float | None, rotation: str | None, allocation: str, ffn_keep: float, embed_keep: float) -> dict[str, Any]:
+    return {"target_params": target_params, "rotation": rotation, "allocation": allocation, "ffn_keep": ffn_keep, "embed_keep": embed_keep}
 
 
 def describe_size(cfg: SlicedConfig) -> str:
@@ -163,6 +169,8 @@ def slice_command(
     target_params: Annotated[float | None, typer.Option(help=TARGET_HELP)] = None,
     rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
+    ffn_keep: Annotated[float, typer.Option(help=FFN_KEEP_HELP)] = 1.0,
+    embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
     model: Annotated[str | None, typer.Option(help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
     round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this.")] = 8,
     slice_head: Annotated[bool, typer.Option(help="Also slice the head input.")] = False,
@@ -183,7 +191,7 @@ def slice_command(
         model=model,
         out=out,
         sparsity=paper_sparsity(sparsity, target_params),
-        **budget_options(target_params, rotation, allocation),
+        **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep),
         round_to=round_to,
         slice_head=slice_head,
         calib=calib,
