@@ -55,9 +55,10 @@ prepare_source() {
 
     say "adding the slicegpt architecture"
     [ ! -e "$vendor/src/models/slicegpt.cpp" ] || die "llama.cpp in this sdist already has src/models/slicegpt.cpp"
-    patch --directory "$vendor" --strip 1 --forward --batch --dry-run --quiet < "$INTEGRATION/register-slicegpt.patch" >/dev/null \
+    # no fuzz: a hunk whose context lines changed upstream fails here instead of landing near its old place
+    patch --directory "$vendor" --strip 1 --forward --batch --fuzz 0 --dry-run --quiet < "$INTEGRATION/register-slicegpt.patch" >/dev/null \
         || die "integrations/llama.cpp/register-slicegpt.patch no longer applies to llama-cpp-python $LLAMA_CPP_PYTHON_VERSION"
-    patch --directory "$vendor" --strip 1 --forward --batch --quiet < "$INTEGRATION/register-slicegpt.patch"
+    patch --directory "$vendor" --strip 1 --forward --batch --fuzz 0 --quiet < "$INTEGRATION/register-slicegpt.patch"
     cp "$INTEGRATION/src/models/slicegpt.cpp" "$vendor/src/models/slicegpt.cpp"
     sed -i "s/^__version__ = \"$LLAMA_CPP_PYTHON_VERSION\"$/__version__ = \"$VERSION\"/" "$src/llama_cpp/__init__.py"
     grep -q "__version__ = \"$VERSION\"" "$src/llama_cpp/__init__.py" || die "could not stamp the version into llama_cpp/__init__.py"
