@@ -92,7 +92,8 @@ class LlamaServer:
                  extra_args: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.model, self.log = Path(model), Path(log)
         self.args = ["--model", str(self.model), "--host", "127.0.0.1", "--port", "0", "--ctx-size", str(n_ctx),
-                     "--threads", str(threads or os.cpu_count()), "--parallel", "1", "--no-warmup", *SAME_AS_BINDINGS, *extra_args]  # fmt: skip
+                     "--threads", str(threads or os.cpu_count()), "--parallel", "1", "--no-warmup",
+                     *SAME_AS_BINDINGS, *extra_args]  # fmt: skip
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
