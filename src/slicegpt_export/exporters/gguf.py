@@ -150,6 +150,13 @@ def tokenizer_from_hf(checkpoint: Path, vocab_size: int) -> tuple[list[str], lis
 
 
 def add_tokenizer(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig) -> None:
+    """The source's tokenizer, special tokens and chat template, so llama.cpp's programs chat as with the source.
+
+    A GGUF source's ``tokenizer.*`` keys verbatim (``tokenizer.chat_template`` among them).  Otherwise the
+    vocabulary from tokenizer.json, and the rest as llama.cpp's convert_hf_to_gguf.py writes it, through
+    gguf-py's SpecialVocab: special token ids and add_bos/add_eos from tokenizer_config.json and config.json,
+    the chat template from tokenizer_config.json or chat_template.jinja (where transformers saves it).
+    """
     carried_path = checkpoint / GGUF_METADATA_NAME
     if carried_path.is_file():
         for k, item in json.loads(carried_path.read_text()).items():

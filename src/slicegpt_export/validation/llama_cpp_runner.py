@@ -63,6 +63,8 @@ class LlamaCppModel:
         except ValueError as exc:  # llama.cpp logs its reason and the bindings raise "Failed to load model"
             raise SliceGPTError(f"{self.path}: llama.cpp could not load the file ({exc})") from exc
         self.n_ctx = n_ctx
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.is_eog = llama_cpp.llama_vocab_is_eog
 
     def sequence_logits(self, ids: list[int]) -> np.ndarray:
         """Logits for every position of one sequence from an empty cache.  (T, vocab) float32."""
@@ -76,10 +78,16 @@ class LlamaCppModel:
         """(B, T) token ids -> (B, T, vocab) logits, one sequence at a time."""
         return torch.stack([torch.from_numpy(self.sequence_logits(row.tolist())) for row in input_ids])
 
-    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        """Argmax continuation through llama.cpp's own sampler and KV cache (generate resets the context)."""
+    def greedy(self, prompt: list[int], max_new_tokens: int, *, stop_at_end: bool = False) -> list[int]:
+        """Argmax continuation through llama.cpp's own sampler and KV cache (generate resets the context).
+
+        With `stop_at_end` it ends before an end-of-generation token (end of text, end of turn), as
+        llama-server and llama-cli do.
+        """
         out: list[int] = []
         for token in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            if stop_at_end and self.is_eog(self.vocab, int(token)):
+                break
             out.append(int(token))
             if len(out) == max_new_tokens:
                 break
