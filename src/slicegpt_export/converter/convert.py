@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, build_checked, parameter_count, save_checkpoint
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
-from slicegpt_export.converter.calibration import calibration_ids
+from slicegpt_export.converter.calibration import calibration_ids, calibration_size
 from slicegpt_export.converter.fusion import fuse_norms
 from slicegpt_export.converter.slicing import CalibrationBatch, rotate_and_slice, sliced_width
 from slicegpt_export.device import resolve_device
@@ -66,12 +66,31 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     return model, cfg, adapter
 
 
-def sample_from_model(model: SlicedModel, bos_id: int | None) -> Any:
-    """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1)."""
+def sample_from_model(
+    model: SlicedModel, bos_id: int | None, *, batch_size: int = 8, progress: bool = False, device: torch.device = torch.device("cpu")
+) -> Any:
+    """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1).
+
+    Windows are generated `batch_size` at a time (the KV cache of all of them at once can outgrow
+    memory) on `device`, with one generator seeded `seed` drawing every token in order; the
+    model is back on the CPU afterwards, where slicing expects it.
+    """
 
     def sample(samples: int, seqlen: int, seed: int) -> torch.Tensor:
-        start = torch.full((samples, 1), bos_id if bos_id is not None else 0, dtype=torch.long)
-        return generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator(device=device).manual_seed(seed)
+        bar = tqdm(total=samples * (seqlen - 1), desc="sampling calibration text", unit="token", disable=not progress)
+        windows = []
+        model.to(device)
+        try:
+            for first in range(0, samples, batch_size):
+                n = min(batch_size, samples - first)
+                start = torch.full((n, 1), bos_id if bos_id is not None else 0, dtype=torch.long, device=device)
+                windows.append(generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=generator,
+                                        on_step=lambda n=n: bar.update(n)).cpu())  # fmt: skip
+        finally:
+            model.to("cpu")
+            bar.close()
+        return torch.cat(windows)  # (samples, seqlen)
 
     return sample
 
@@ -147,8 +166,8 @@ def slice_checkpoint(
     round_to: int = 8,
     slice_head: bool = False,
     calib: str | None = None,
-    calib_samples: int = 128,
-    calib_seqlen: int = 2048,
+    calib_samples: int | None = None,
+    calib_seqlen: int | None = None,
     calib_batch_size: int = 8,
     seed: int = 42,
     device: str = "auto",
@@ -157,11 +176,15 @@ def slice_checkpoint(
     progress: bool = True,
     rotate: bool = True,
 ) -> SliceSummary:
-    """Slice `model` and write a sliced checkpoint folder to `out` atomically."""
+    """Slice `model` and write a sliced checkpoint folder to `out` atomically.
+
+    `calib_samples` x `calib_seqlen` default to what suits the device (calibration_size).
+    """
     check_sparsity(sparsity)
     if round_to < 1:
         raise SliceGPTError(f"--round-to must be a positive integer, got {round_to}")
     dev = resolve_device(device)
+    calib_samples, calib_seqlen = calibration_size(calib_samples, calib_seqlen, dev)
     start = time.perf_counter()
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         source = load_source(model, dtype=dtype)
@@ -174,7 +197,7 @@ def slice_checkpoint(
             samples=calib_samples,
             seqlen=min(calib_seqlen, cfg.max_position_embeddings),
             seed=seed,
-            sample_from_model=sample_from_model(fused, bos),
+            sample_from_model=sample_from_model(fused, bos, batch_size=calib_batch_size, progress=progress, device=dev),
         )
         logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_origin)
         eigenvalues = slice_fused(
