@@ -14,7 +14,7 @@ logger = logging.getLogger("bench")
 
 
 def sliced_checkpoint(sparsity: float, *, rotate: bool = True, round_to: int = 8) -> Path:
-    """SmolLM2-135M-Instruct sliced on the DEVELOPERS.md protocol's calibration (cached); rotate=False: fused only."""
+    """SmolLM2-135M-Instruct sliced with the calibration of the README's measurement protocol (cached); rotate=False: fused only."""
     from slicegpt_export.converter.convert import slice_checkpoint
 
     suffix = "" if round_to == 8 else f"-r{round_to}"
