@@ -132,7 +132,7 @@ def test_without_calibration_text_the_model_samples_its_own(tiny_folder, tmp_pat
 # ----- the first hour of a new user (issue 14) ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["{tmp}/nope.txt", "./no-such-calib", "~/no-such-calib", "data/sub/calib", "valid.jsonl"])
+@pytest.mark.parametrize("value", ["{tmp}/nope.txt", "./no-such-calib", "~/no-such-calib", "data/sub/calib", "data/calib", "valid.jsonl"])
 def test_mistyped_calibration_path_says_no_such_file(tiny_folder, tmp_path, value):
     calib = value.format(tmp=tmp_path)
     out = tmp_path / "out"
@@ -171,7 +171,7 @@ def interrupt(*args, **kwargs):
 
 
 def test_ctrl_c_while_slicing_says_what_and_leaves_nothing(tiny_folder, calib_file, tmp_path, monkeypatch):
-    import slicegpt_export.converter.convert as convert
+    from slicegpt_export.converter import convert
 
     monkeypatch.setattr(convert, "slice_fused", interrupt)  # Ctrl-C in the middle of the work
     out = tmp_path / "out"
@@ -221,6 +221,18 @@ def test_sampled_calibration_is_batched_and_shows_progress(tiny_folder, capsys):
     assert "sampling calibration text" in err and "63/63" in err  # 7 windows x 9 sampled tokens
     again = sample_from_model(model, 7, batch_size=3)(7, 10, 42)
     assert torch.equal(windows, again)  # one seeded generator: reproducible
+
+
+def test_sampling_batches_bound_the_kv_cache():
+    from types import SimpleNamespace
+
+    from slicegpt_export.converter.convert import sampling_batch
+
+    smollm2 = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)  # 46,080 bytes of f32 keys and values per token
+    assert sampling_batch(smollm2, 64, 512, torch.float32) == 32  # 45 windows fit in 1 GiB: two equal batches
+    assert sampling_batch(smollm2, 128, 2048, torch.float32) == 11  # 11 fit: 12 batches, the last of 7
+    assert sampling_batch(smollm2, 4, 64, torch.float32) == 4
+    assert sampling_batch(smollm2, 4, 512, torch.float32, budget=1) == 1
 
 
 def help_text(*command: str) -> str:

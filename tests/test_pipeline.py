@@ -188,10 +188,9 @@ def test_one_shot_refuses_a_folder_it_did_not_write(tmp_path):
             "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
-        f"error: output folder {out} is not empty and was not written by slicegpt-export "
-        "(choose a new --out, or pass --overwrite to write into it)"
-    ]
+    expected = (f"error: output folder {out} is not empty and was not written by slicegpt-export "
+                "(choose a new --out, or pass --overwrite to write into it)")  # fmt: skip
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [expected]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     result = runner.invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
@@ -221,7 +220,7 @@ def test_perplexity_of_the_tools_own_gguf_file(job):
     gguf = root / "out" / "gguf" / "model-f16.gguf"
     result = runner.invoke(app, ["perplexity", str(gguf), "--text", str(root / "eval.txt"), "--seqlen", "256"])
     assert result.exit_code == 0, result.output
-    figures = dict(re.findall(r"^perplexity: ([0-9.]+) \((.+)\)$", result.stdout, re.M))  # progress bars are on stderr
+    figures = dict(re.findall(r"^perplexity: ([0-9.]+) \((.+)\)$", result.stdout, re.MULTILINE))  # progress bars are on stderr
     got = {runner_name: float(ppl) for ppl, runner_name in figures.items()}
     assert got["gguf runner"] == pytest.approx(report["gguf f16"]["perplexity"], rel=1e-6)  # the file's own tokenizer, same windows
     if "llama.cpp f16" in report:

@@ -137,7 +137,7 @@ def main(
     calib: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
     calib_samples: Annotated[int | None, typer.Option(help=SAMPLES_HELP)] = None,
     calib_seqlen: Annotated[int | None, typer.Option(help=SEQLEN_HELP)] = None,
-    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch (and per batch of sampled text).")] = 8,
+    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 42,
     round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this (32 for q8_0/q4_0 GGUF).")] = 8,
     slice_head: Annotated[bool, typer.Option("--slice-head", help="Also slice the head input.")] = False,
@@ -227,7 +227,7 @@ def slice_command(
     calib: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
     calib_samples: Annotated[int | None, typer.Option(help=SAMPLES_HELP)] = None,
     calib_seqlen: Annotated[int | None, typer.Option(help=SEQLEN_HELP)] = None,
-    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch (and per batch of sampled text).")] = 8,
+    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 42,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
@@ -271,7 +271,7 @@ def perplexity_command(
     and llama.cpp when built), or of a dense source model."""
     from slicegpt_export.validation.runners import gguf_perplexities, is_slicegpt_gguf, reference_perplexity
 
-    options = dict(text=text, seqlen=seqlen, windows=window_count(windows), batch_size=batch_size, device=device)
+    options = {"text": text, "seqlen": seqlen, "windows": window_count(windows), "batch_size": batch_size, "device": device}
     if is_slicegpt_gguf(path):
         for runner, ppl in gguf_perplexities(path, **options):
             typer.echo(f"perplexity: {ppl:.4f} ({runner})")
@@ -291,7 +291,14 @@ def validate_command(
 ) -> None:
     """Perplexity and logit agreement of every artifact found; writes report.md, report.json and plots."""
     from slicegpt_export.pipeline import sweep_sparsities
-    from slicegpt_export.validation.report import agreement_note, evaluation_ids, find_artifacts, markdown_table, validate_directory, write_report
+    from slicegpt_export.validation.report import (
+        agreement_note,
+        evaluation_ids,
+        find_artifacts,
+        markdown_table,
+        validate_directory,
+        write_report,
+    )  # fmt: skip
 
     sparsities = parse_sweep(sweep)
     if sparsities and text is None:

@@ -66,24 +66,43 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     return model, cfg, adapter
 
 
+#: bytes of KV cache while sampling calibration text from the model: sets how many windows are generated together
+#: (the cache grows by concatenation, so the peak is about twice this)
+SAMPLING_KV_BUDGET = 1 << 30
+
+
+def sampling_batch(cfg: SlicedConfig, samples: int, seqlen: int, dtype: torch.dtype, budget: int = SAMPLING_KV_BUDGET) -> int:
+    """Windows to generate together: as many as keep the KV cache of `seqlen` tokens within `budget`, in equal batches.
+
+    One decoding step costs nearly the same for 8 windows as for 64 on a CPU (its time goes to per-operation
+    overhead), so sampling is about as fast as its batches are large.
+    """
+    per_window = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * seqlen * dtype.itemsize  # keys and values
+    largest = max(1, min(samples, budget // per_window))
+    batches = -(-samples // largest)
+    return -(-samples // batches)
+
+
 def sample_from_model(
-    model: SlicedModel, bos_id: int | None, *, batch_size: int = 8, progress: bool = False, device: torch.device = torch.device("cpu")
-) -> Any:
+    model: SlicedModel, bos_id: int | None, *, batch_size: int | None = None, progress: bool = False,
+    device: torch.device = torch.device("cpu"),
+) -> Any:  # fmt: skip
     """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1).
 
-    Windows are generated `batch_size` at a time (the KV cache of all of them at once can outgrow
-    memory) on `device`, with one generator seeded `seed` drawing every token in order; the
-    model is back on the CPU afterwards, where slicing expects it.
+    Windows are generated `batch_size` at a time (default: sampling_batch, which bounds the KV cache) on
+    `device`, with one generator seeded `seed` drawing every token in order; the model is back on the
+    CPU afterwards, where slicing expects it.
     """
 
     def sample(samples: int, seqlen: int, seed: int) -> torch.Tensor:
+        size = batch_size or sampling_batch(model.config, samples, seqlen, model.embed_tokens.weight.dtype)
         generator = torch.Generator(device=device).manual_seed(seed)
         bar = tqdm(total=samples * (seqlen - 1), desc="sampling calibration text", unit="token", disable=not progress)
         windows = []
         model.to(device)
         try:
-            for first in range(0, samples, batch_size):
-                n = min(batch_size, samples - first)
+            for first in range(0, samples, size):
+                n = min(size, samples - first)
                 start = torch.full((n, 1), bos_id if bos_id is not None else 0, dtype=torch.long, device=device)
                 windows.append(generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=generator,
                                         on_step=lambda n=n: bar.update(n)).cpu())  # fmt: skip
@@ -197,7 +216,7 @@ def slice_checkpoint(
             samples=calib_samples,
             seqlen=min(calib_seqlen, cfg.max_position_embeddings),
             seed=seed,
-            sample_from_model=sample_from_model(fused, bos, batch_size=calib_batch_size, progress=progress, device=dev),
+            sample_from_model=sample_from_model(fused, bos, progress=progress, device=dev),
         )
         logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_origin)
         eigenvalues = slice_fused(
