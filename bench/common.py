@@ -25,7 +25,7 @@ def protocol_checkpoint(tag: str, **options) -> Path:
 
 
 def sliced_checkpoint(sparsity: float, *, rotate: bool = True, round_to: int = 8) -> Path:
-    """SmolLM2-135M-Instruct sliced at `sparsity` on the DEVELOPERS.md protocol (cached); rotate=False: fused only."""
+    """SmolLM2-135M-Instruct sliced at `sparsity` on the README's measurement protocol (cached); rotate=False: fused only."""
     suffix = "" if round_to == 8 else f"-r{round_to}"
     tag = (f"{sparsity:g}" if rotate else "dense") + suffix
     return protocol_checkpoint(tag, sparsity=sparsity, rotate=rotate, round_to=round_to)

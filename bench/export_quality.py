@@ -1,4 +1,4 @@
-"""Perplexity and size of every exported artifact of SmolLM2 at a sparsity, on the DEVELOPERS.md protocol.
+"""Perplexity and size of every exported artifact of SmolLM2 at a sparsity, on the README's measurement protocol.
 
     python bench/export_quality.py [--sparsity 0.25] [--out bench/results]
 
@@ -67,7 +67,7 @@ def main() -> None:
         size = f"{r['size_mb']:.1f} | {r['dense_size_mb']:.1f}" if "size_mb" in r else "- | -"
         lines.append(f"| {r['artifact']} | {r['perplexity']:.3f} | {r['perplexity'] / reference - 1:+.3%} | {size} |")
     table = "\n".join(lines) + (f"\n\nSmolLM2-135M-Instruct sliced at {args.sparsity:g} (--round-to {args.round_to}); "
-                                 "DEVELOPERS.md protocol (64 x 512 test tokens).\n")  # fmt: skip
+                                 "README measurement protocol (64 x 512 test tokens).\n")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"export_quality-{report_tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / f"export_quality-{report_tag}.md").write_text(table)

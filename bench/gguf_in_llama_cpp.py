@@ -2,7 +2,7 @@
 
     scripts/build_llama_cpp.sh && python bench/gguf_in_llama_cpp.py [--sparsity 0.25] [--out bench/results]
 
-Perplexity on the DEVELOPERS.md protocol (same token windows as the reference) for the f32 and
+Perplexity on the README's measurement protocol (same token windows as the reference) for the f32 and
 q8_0 files, q8_0 also with `--gguf-shortcut-type q8_0`; decode tokens/s (batch 1, 2 threads, 128
 greedy tokens after a 128-token prompt, best of 3) of the sliced q8_0 files beside the dense
 SmolLM2 as a stock `llama` q8_0 file (requantized by llama.cpp from the embedded Q4_1 GGUF) and

@@ -1,4 +1,4 @@
-"""Slicing benchmark on the DEVELOPERS.md protocol: width, parameters, perplexity, time and memory per sparsity.
+"""Slicing benchmark on the README's measurement protocol: width, parameters, perplexity, time and memory per sparsity.
 
     python bench/slicing.py --sparsities 0,0.1,0.2,0.25,0.3,0.5 --out bench/results
 

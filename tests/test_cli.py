@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,137 @@ def test_sparsity_and_budget_together_are_refused(tiny_folder, calib_file, tmp_p
     out = tmp_path / "out"
     result = runner.invoke(app, slice_args(tiny_folder, out, calib_file, "--sparsity", "0.25", "--target-params", "0.7"))
     assert_refused(result, "give either --sparsity", out)
+
+
+# ----- the first hour of a new user (issue 14) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["{tmp}/nope.txt", "./no-such-calib", "~/no-such-calib", "data/sub/calib", "data/calib", "valid.jsonl"])
+def test_mistyped_calibration_path_says_no_such_file(tiny_folder, tmp_path, value):
+    calib = value.format(tmp=tmp_path)
+    out = tmp_path / "out"
+    result = runner.invoke(app, slice_args(tiny_folder, out, calib))
+    assert_refused(result, f"calibration text {calib}: no such file or folder", out)
+
+
+def test_a_bare_name_is_still_a_dataset(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, slice_args(tiny_folder, out, "no_such_dataset_name"))
+    assert_refused(result, "calibration dataset 'no_such_dataset_name'", out)
+
+
+LINUX_PSEUDO = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc and /sys")
+
+
+@LINUX_PSEUDO
+@pytest.mark.parametrize("root", ["/proc", "/sys"])
+def test_unwritable_out_is_one_error_line(tiny_folder, calib_file, root):
+    out = Path(root) / "slicegpt-export-test"
+    assert_refused(runner.invoke(app, slice_args(tiny_folder, out, calib_file)), f"cannot write {out}", out)
+    assert_refused(runner.invoke(app, ["--format", "onnx", "--out", str(out)]), f"cannot write {out}", out)
+
+
+@LINUX_PSEUDO
+def test_unwritable_export_out_is_one_error_line(tiny_folder, calib_file, tmp_path):
+    checkpoint = tmp_path / "sliced"
+    assert runner.invoke(app, slice_args(tiny_folder, checkpoint, calib_file)).exit_code == 0
+    out = Path("/sys/slicegpt-export-test")
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(out), "--format", "gguf"])
+    assert_refused(result, f"cannot write {out}", out)
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_slicing_says_what_and_leaves_nothing(tiny_folder, calib_file, tmp_path, monkeypatch):
+    from slicegpt_export.converter import convert
+
+    monkeypatch.setattr(convert, "slice_fused", interrupt)  # Ctrl-C in the middle of the work
+    out = tmp_path / "out"
+    result = runner.invoke(app, slice_args(tiny_folder, out, calib_file))
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: interrupted while slicing {tiny_folder}: nothing was written to {out}"], result.output
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")
+    result = runner.invoke(app, slice_args(tiny_folder, out, calib_file, "--overwrite"))
+    assert result.exit_code == 130 and f"the existing {out} is unchanged" in result.output
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"] and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_calibration_size_defaults_by_device():
+    from slicegpt_export.converter.calibration import calibration_size
+
+    assert calibration_size(None, None, torch.device("cpu")) == (64, 512)
+    assert calibration_size(None, None, torch.device("cuda")) == (128, 2048)  # the paper's
+    assert calibration_size(16, None, torch.device("cpu")) == (16, 512)
+    assert calibration_size(3, 100, torch.device("cuda")) == (3, 100)
+
+
+def test_slice_without_sizes_uses_the_cpu_defaults_and_says_so(tiny_folder, calib_file, tmp_path):
+    out = tmp_path / "sliced"
+    args = ["slice", "--model", str(tiny_folder), "--out", str(out), "--calib", str(calib_file), "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "64 windows of 512 tokens, the default on cpu" in result.output
+    calibration = json.loads((out / "config.json").read_text())["slicegpt"]["calibration"]
+    assert (calibration["samples"], calibration["seqlen"]) == (64, 256)  # 512 capped by the tiny model's 256 positions
+
+
+def test_sampled_calibration_is_batched_and_shows_progress(tiny_folder, capsys):
+    from slicegpt_export.converter.convert import fused_model, sample_from_model
+    from slicegpt_export.sources.models import load_source
+
+    model, _, _ = fused_model(load_source(str(tiny_folder)))
+    batches: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    windows = sample_from_model(model, 7, batch_size=3, progress=True)(7, 10, 42)
+    hook.remove()
+    assert windows.shape == (7, 10) and (windows[:, 0] == 7).all()
+    assert set(batches) == {3, 1} and batches.count(1) == 9  # 3 + 3 + 1 windows, one forward per position each
+    err = capsys.readouterr().err
+    assert "sampling calibration text" in err and "63/63" in err  # 7 windows x 9 sampled tokens
+    again = sample_from_model(model, 7, batch_size=3)(7, 10, 42)
+    assert torch.equal(windows, again)  # one seeded generator: reproducible
+
+
+def test_sampling_batches_bound_the_kv_cache():
+    from types import SimpleNamespace
+
+    from slicegpt_export.converter.convert import sampling_batch
+
+    smollm2 = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)  # 46,080 bytes of f32 keys and values per token
+    assert sampling_batch(smollm2, 64, 512, torch.float32) == 32  # 45 windows fit in 1 GiB: two equal batches
+    assert sampling_batch(smollm2, 128, 2048, torch.float32) == 11  # 11 fit: 12 batches, the last of 7
+    assert sampling_batch(smollm2, 4, 64, torch.float32) == 4
+    assert sampling_batch(smollm2, 4, 512, torch.float32, budget=1) == 1
+
+
+def help_text(*command: str) -> str:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_help_says_what_each_option_does():
+    top = help_text()
+    assert "[OPTIONS] [COMMAND [ARGS]...]\n" in top.splitlines(keepends=True)[0]  # the one-shot form takes no command
+    for flag in ("--dtype", "--slice-head", "--overwrite", "--no-rotate", "--version"):
+        assert flag in top, flag
+    assert "export it as onnx, gguf or all (both)" in top
+    assert "--device" in help_text("validate")
+    for command in ((), ("slice",), ("perplexity",), ("validate",), ("export",)):
+        text = help_text(*command)
+        assert "<bool>" not in text, command
+        entries = re.split(r"\n  (?=-)", text)  # one entry per option
+        assert not [e for e in entries if "(default:" in e and "[default:" in e], command  # two defaults for one option
+    assert "calibration (same text, windows and seed)" in " ".join(help_text("validate").split())
+
+
+def test_version():
+    import importlib.metadata
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"slicegpt-export {importlib.metadata.version('slicegpt-export')}"

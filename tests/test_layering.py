@@ -1,4 +1,4 @@
-"""The package's layering (DEVELOPERS.md): each layer imports only layers below it, parts never each other.
+"""The package's layering (README, Layout): each layer imports only layers below it, parts never each other.
 
 Every import statement is read, those inside functions included, so a lazy import cannot
 hide an upward or sideways dependency.

@@ -1,4 +1,4 @@
-"""The real model on the DEVELOPERS.md protocol (SmolLM2-135M-Instruct, float32, CPU): minutes, marked slow.
+"""The real model on the README's measurement protocol (SmolLM2-135M-Instruct, float32, CPU): minutes, marked slow.
 
 Expected figures were measured with this code on the 2-core CPU machine (see README).
 """

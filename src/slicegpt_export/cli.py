@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
 import logging
-from collections.abc import Callable
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,11 +22,78 @@ app = typer.Typer(
     help="Slice Hugging Face models with SliceGPT and export them for ONNX Runtime and GGUF toolchains.",
     pretty_exceptions_enable=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: flags without a <bool> type column
+    subcommand_metavar="[COMMAND [ARGS]...]",  # the one-shot form takes no command
 )
-logger = logging.getLogger("slicegpt_export")
+PACKAGE = "slicegpt_export"
+logger = logging.getLogger(PACKAGE)
+#: libraries that log through handlers of their own instead of (only) the root logger's
+SELF_HANDLING_LOGGERS = ("transformers", "huggingface_hub")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_ours(record: logging.LogRecord) -> bool:
+    return record.name == PACKAGE or record.name.startswith(PACKAGE + ".")
+
+
+class CliLogFilter(logging.Filter):
+    """This package's records from INFO (DEBUG with --verbose); other libraries' only from ERROR (INFO with --verbose)."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if is_ours(record):
+            return record.levelno >= (logging.DEBUG if self.verbose else logging.INFO)
+        return record.levelno >= (logging.INFO if self.verbose else logging.ERROR)
+
+
+class CliLogFormatter(logging.Formatter):
+    """Our progress lines as plain text; anything else prefixed with its level (and its library when not ours)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if is_ours(record):
+            return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+        return f"{record.levelname.lower()} ({record.name}): {message}"
+
+
+@contextlib.contextmanager
+def cli_output(verbose: bool) -> Iterator[None]:
+    """Logging and warnings for one command: ours readable, other libraries' kept below ERROR unless `verbose`.
+
+    Everything is put back when the command ends (the handler removed, levels and warning filters restored).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(CliLogFilter(verbose))
+    handler.setFormatter(CliLogFormatter())
+    root = logging.getLogger()
+    saved = {name: logging.getLogger(name).level for name in ("", PACKAGE, *SELF_HANDLING_LOGGERS)}
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        for name in SELF_HANDLING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.filterwarnings("ignore")
+                warnings.filterwarnings("default", module=rf"{PACKAGE}(\.|$)")
+            yield
+    finally:
+        root.removeHandler(handler)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"slicegpt-export {importlib.metadata.version('slicegpt-export')}")
+        raise typer.Exit(0)
 
 
 def one_line_errors(fn: F) -> F:
@@ -45,40 +116,54 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+MODEL_HELP = "HF folder, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)."
+CALIB_HELP = "Calibration text: a .txt/.jsonl/.parquet file or folder, or a HF dataset NAME[:CONFIG] (default: WikiText-2 from the hub, else text sampled from the model)."
+SAMPLES_HELP = "Number of calibration windows (default: 64 on CPU, the paper's 128 on CUDA)."
+SEQLEN_HELP = "Tokens per calibration window, capped by the model's context (default: 512 on CPU, the paper's 2048 on CUDA)."
+SWEEP_HELP = ("Also slice the checkpoint's source model again at these sparsities, e.g. 0.1,0.2,0.3, with the checkpoint's own "
+              "calibration (same text, windows and seed), and plot perplexity and parameters against sparsity.")  # fmt: skip
+WINDOWS_HELP = "Number of consecutive evaluation windows; 0 for every complete window of the text."
+
+
 @app.callback(invoke_without_command=True)
 @one_line_errors
 def main(
     ctx: typer.Context,
-    format: Annotated[str | None, typer.Option("--format", help="One-shot job: slice, export onnx|gguf|all, validate, report.")] = None,
-    model: Annotated[str | None, typer.Option(help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="Run the whole job into --out: slice the model, export it as onnx, gguf or all (both), validate every artifact against the PyTorch reference and write report.md with plots.")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     sparsity: Annotated[float | None, typer.Option(help=SPARSITY_HELP)] = None,
     target_params: Annotated[float | None, typer.Option(help=TARGET_HELP)] = None,
     rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
     ffn_keep: Annotated[float, typer.Option(help=FFN_KEEP_HELP)] = 1.0,
     embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
-    out: Annotated[Path, typer.Option(help="Output folder of the one-shot job.")] = Path("slicegpt-out"),
-    calib: Annotated[str | None, typer.Option(help="Calibration text (file, folder or dataset).")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    out: Annotated[Path, typer.Option(help="Output folder of the one-shot job (new, empty, or an earlier run's: finished stages with the same inputs are reused).")] = Path("slicegpt-out"),
+    calib: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
+    calib_samples: Annotated[int | None, typer.Option(help=SAMPLES_HELP)] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(help=SEQLEN_HELP)] = None,
     calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 42,
-    round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this.")] = 8,
+    round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this (32 for q8_0/q4_0 GGUF).")] = 8,
+    slice_head: Annotated[bool, typer.Option("--slice-head", help="Also slice the head input.")] = False,
+    no_rotate: Annotated[bool, typer.Option("--no-rotate", help="With --sparsity 0: keep the fused dense model (no PCA, no shortcuts).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Slicing dtype: float32, float64, float16 or bfloat16.")] = "float32",
     eval_text: Annotated[Path | None, typer.Option(help="Evaluation text for perplexity (else logits are compared on random tokens).")] = None,
     precision: Annotated[str, typer.Option(help="ONNX: fp32 or fp16.")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="ONNX: int8 or int4 weight-only.")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
     gguf_shortcut_type: Annotated[str, typer.Option(help="GGUF shortcut matrices: auto (f16 in q8_0/q4_0 files) or a type; q8_0 decodes faster, costs perplexity.")] = "auto",
-    sweep: Annotated[str | None, typer.Option(help="Also slice at these sparsities, e.g. 0.1,0.2,0.3, for the sweep plot.")] = None,
+    sweep: Annotated[str | None, typer.Option(help=SWEEP_HELP)] = None,
     tasks: Annotated[str | None, typer.Option(help="Zero-shot lm-eval-harness tasks, e.g. piqa,arc_easy (needs lm-eval).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out this tool did not create, and redo every stage.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, and other libraries' logs and warnings.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", callback=show_version, is_eager=True)] = False,
 ) -> None:
     """Slice Hugging Face models with SliceGPT and export them for ONNX Runtime and GGUF toolchains.
 
     With --format and no command, runs the whole job into --out: slice, export, validate, report.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ctx.with_resource(cli_output(verbose))
     if ctx.invoked_subcommand is not None:
         return
     if format is None:
@@ -86,12 +171,13 @@ def main(
         raise typer.Exit(0)
     from slicegpt_export.pipeline import run_job
 
-    options = dict(round_to=round_to, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                   calib_batch_size=calib_batch_size, seed=seed, device=device, **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep))  # fmt: skip
+    options = dict(round_to=round_to, slice_head=slice_head, rotate=not no_rotate, calib=calib, calib_samples=calib_samples,
+                   calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, device=device, dtype=parse_dtype(dtype),
+                   **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep))  # fmt: skip
     try:
         job = run_job(out=out, formats=format, model=model, sparsity=paper_sparsity(sparsity, target_params), eval_text=eval_text, slice_options=options,
                       precision=precision, quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, sweep=parse_sweep(sweep),
-                      tasks=tasks.split(",") if tasks else None)  # fmt: skip
+                      tasks=tasks.split(",") if tasks else None, overwrite=overwrite)  # fmt: skip
     except KeyboardInterrupt:
         typer.echo("error: interrupted; finished stages are kept, the interrupted one left no output", err=True)
         raise typer.Exit(130) from None
@@ -140,13 +226,15 @@ def parse_sweep(text: str | None) -> list[float] | None:
 
 
 def print_job_summary(job: dict[str, Any]) -> None:
-    from slicegpt_export.validation.report import markdown_table
+    from slicegpt_export.validation.report import agreement_note, markdown_table
 
     cfg = job["config"]
     typer.echo("")
     typer.echo(f"widths: {describe_widths(cfg)}")
     typer.echo(f"size: {describe_size(cfg)}")
     typer.echo(markdown_table(job["results"]))
+    if agreement_note(job["results"]):
+        typer.echo(agreement_note(job["results"]))
     typer.echo("time per stage: " + ", ".join(f"{r.name} {'reused' if r.reused else f'{r.seconds:.1f} s'}" for r in job["records"]))
     typer.echo(f"report: {job['report']}")
 
@@ -161,7 +249,14 @@ def describe_widths(cfg: SlicedConfig) -> str:
     return f"D {cfg.hidden_size} | embedding {cfg.embedding_width} | {layers} | head {cfg.head_in}"
 
 
-@app.command("slice")
+def window_count(windows: int) -> int | None:
+    """--windows 0 means every complete window."""
+    if windows < 0:
+        raise SliceGPTError(f"--windows must be 0 (all) or a positive count, got {windows}")
+    return windows or None
+
+
+@app.command("slice", short_help="Slice a model into a sliced checkpoint folder.")
 @one_line_errors
 def slice_command(
     out: Annotated[Path, typer.Option(help="Output folder for the sliced checkpoint.")],
@@ -171,106 +266,121 @@ def slice_command(
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
     ffn_keep: Annotated[float, typer.Option(help=FFN_KEEP_HELP)] = 1.0,
     embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
-    model: Annotated[str | None, typer.Option(help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
-    round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this.")] = 8,
-    slice_head: Annotated[bool, typer.Option(help="Also slice the head input.")] = False,
-    calib: Annotated[str | None, typer.Option(help="Calibration .txt/.jsonl/.parquet file or folder, or a HF dataset NAME[:CONFIG].")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    calib_seqlen: Annotated[int, typer.Option(help="Tokens per window (capped by the model's context).")] = 2048,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this (32 for q8_0/q4_0 GGUF).")] = 8,
+    slice_head: Annotated[bool, typer.Option("--slice-head", help="Also slice the head input.")] = False,
+    calib: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
+    calib_samples: Annotated[int | None, typer.Option(help=SAMPLES_HELP)] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(help=SEQLEN_HELP)] = None,
     calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 42,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    rotate: Annotated[bool, typer.Option(help="--no-rotate with --sparsity 0 writes the fused dense model (no PCA, no shortcuts).")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    no_rotate: Annotated[bool, typer.Option("--no-rotate", help="With --sparsity 0: write the fused dense model (no PCA, no shortcuts).")] = False,
 ) -> None:
     """Fuse, rotate and slice a model into a sliced checkpoint folder."""
     from slicegpt_export.converter.convert import slice_checkpoint
 
-    summary = slice_checkpoint(
-        model=model,
-        out=out,
-        sparsity=paper_sparsity(sparsity, target_params),
-        **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep),
-        round_to=round_to,
-        slice_head=slice_head,
-        calib=calib,
-        calib_samples=calib_samples,
-        calib_seqlen=calib_seqlen,
-        calib_batch_size=calib_batch_size,
-        seed=seed,
-        device=device,
-        dtype=parse_dtype(dtype),
-        overwrite=overwrite,
-        rotate=rotate,
-    )
+    try:
+        summary = slice_checkpoint(
+            model=model, out=out, sparsity=paper_sparsity(sparsity, target_params), round_to=round_to, slice_head=slice_head,
+            calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
+            device=device, dtype=parse_dtype(dtype), overwrite=overwrite, rotate=not no_rotate,
+            **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep),
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        kept = f"; the existing {out} is unchanged" if out.exists() else ""
+        typer.echo(f"error: interrupted while slicing {model or 'the default model'}: nothing was written to {out}{kept}", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"sliced checkpoint: {summary.out}")
     typer.echo(f"widths: {describe_widths(summary.config)}")
     typer.echo(f"size: {describe_size(summary.config)}")
     typer.echo(f"time: {summary.seconds:.1f} s, peak resident memory {summary.peak_rss_mb:,.0f} MiB")
 
 
-@app.command("perplexity")
+@app.command("perplexity", short_help="Perplexity of a checkpoint, slicegpt GGUF or dense model.")
 @one_line_errors
 def perplexity_command(
-    path: Annotated[str, typer.Argument(help="A sliced checkpoint folder, or a source model (folder or .gguf) for the dense figure.")],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="A sliced checkpoint folder, a slicegpt .gguf file, or a source model (folder or stock .gguf) for the dense figure.")],
     text: Annotated[Path, typer.Option(help="Evaluation text (.txt/.jsonl/.parquet file or folder).")],
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-    windows: Annotated[int | None, typer.Option(help="Number of consecutive windows (default: all).")] = 64,
+    windows: Annotated[int, typer.Option(help=WINDOWS_HELP)] = 64,
     batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
-    """Perplexity of a sliced checkpoint (or a dense source model) on consecutive windows of a text."""
-    from slicegpt_export.validation.runners import reference_perplexity
+    """Perplexity on consecutive windows of a text: of a sliced checkpoint, of a slicegpt GGUF file (its own runner,
+    and llama.cpp when built), or of a dense source model."""
+    from slicegpt_export.validation.runners import gguf_perplexities, is_slicegpt_gguf, reference_perplexity
 
-    ppl = reference_perplexity(path, text=text, seqlen=seqlen, windows=windows, batch_size=batch_size, device=device)
-    typer.echo(f"perplexity: {ppl:.4f}")
+    options = {"text": text, "seqlen": seqlen, "windows": window_count(windows), "batch_size": batch_size, "device": device}
+    if is_slicegpt_gguf(path):
+        for runner, ppl in gguf_perplexities(path, **options):
+            typer.echo(f"perplexity: {ppl:.4f} ({runner})")
+        return
+    typer.echo(f"perplexity: {reference_perplexity(path, **options):.4f}")
 
 
-@app.command("validate")
+@app.command("validate", short_help="Check every artifact in a folder; write the report.")
 @one_line_errors
 def validate_command(
-    directory: Annotated[Path, typer.Argument(help="A folder holding a sliced checkpoint and its exports (one level deep).")],
+    directory: Annotated[Path, typer.Argument(metavar="DIRECTORY", help="A folder holding a sliced checkpoint and its exports (one level deep).")],
     text: Annotated[Path | None, typer.Option(help="Evaluation text for perplexity.")] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-    windows: Annotated[int | None, typer.Option(help="Number of consecutive windows.")] = 64,
-    sweep: Annotated[str | None, typer.Option(help="Also slice at these sparsities, e.g. 0.1,0.2,0.3.")] = None,
+    windows: Annotated[int, typer.Option(help=WINDOWS_HELP)] = 64,
+    sweep: Annotated[str | None, typer.Option(help=SWEEP_HELP)] = None,
+    device: Annotated[str, typer.Option(help="Where the PyTorch reference and the dense source run: auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
     """Perplexity and logit agreement of every artifact found; writes report.md, report.json and plots."""
     from slicegpt_export.pipeline import sweep_sparsities
-    from slicegpt_export.validation.report import find_artifacts, markdown_table, validate_directory, write_report
+    from slicegpt_export.validation.report import (
+        agreement_note,
+        evaluation_ids,
+        find_artifacts,
+        markdown_table,
+        validate_directory,
+        write_report,
+    )  # fmt: skip
 
     sparsities = parse_sweep(sweep)
     if sparsities and text is None:
         raise SliceGPTError("--sweep needs --text")
-    results = validate_directory(directory, text=text, seqlen=seqlen, windows=windows)
     checkpoint = find_artifacts(directory).checkpoint
-    rows = sweep_sparsities(checkpoint, sparsities, text=text, out=directory / "sweep", seqlen=seqlen, windows=windows) if sparsities else None
+    count = window_count(windows)
+    ids = evaluation_ids(checkpoint, text, seqlen=seqlen, windows=count) if text is not None else None  # shared by all
+    results = validate_directory(directory, text=text, seqlen=seqlen, windows=count, device=device, ids=ids)
+    rows = sweep_sparsities(checkpoint, sparsities, text=text, out=directory / "sweep", seqlen=seqlen, windows=count, ids=ids) if sparsities else None
     report = write_report(directory, results, checkpoint=checkpoint, sweep=rows)
     typer.echo(markdown_table(results))
+    if agreement_note(results):
+        typer.echo(agreement_note(results))
     typer.echo(f"report: {report}")
 
 
-@app.command("export")
+@app.command("export", short_help="Export a sliced checkpoint as ONNX or GGUF, then check it.")
 @one_line_errors
 def export_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A sliced checkpoint folder.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A sliced checkpoint folder.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    format: Annotated[str, typer.Option("--format", help="onnx or gguf.")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime / onnxruntime-genai folder) or gguf (a slicegpt GGUF file for llama.cpp).")] = "onnx",
     precision: Annotated[str, typer.Option(help="ONNX: fp32 (CPU) or fp16 (CUDA).")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="ONNX: weight-only int8 or int4 (MatMulNBits).")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
     gguf_shortcut_type: Annotated[str, typer.Option(help="GGUF shortcut matrices: auto (f16 in q8_0/q4_0 files) or a type; q8_0 decodes faster, costs perplexity.")] = "auto",
     validate: Annotated[bool, typer.Option(help="Compare the artifact with the PyTorch reference after export.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Export a sliced checkpoint; then validate it against the PyTorch reference."""
     from slicegpt_export.pipeline import export_validated
 
-    export_validated(
-        format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
-        gguf_shortcut_type=gguf_shortcut_type, validate=validate, overwrite=overwrite,
-    )  # fmt: skip
+    try:
+        export_validated(
+            format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
+            gguf_shortcut_type=gguf_shortcut_type, validate=validate, overwrite=overwrite,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        typer.echo(f"error: interrupted while exporting {checkpoint}: nothing was written to {out}", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"{format} export: {out}")
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
 
 
@@ -454,8 +456,12 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Greedy (temperature 0) or sampled continuation through the KV cache; returns (B, T + max_new_tokens)."""
+    """Greedy (temperature 0) or sampled continuation through the KV cache; returns (B, T + max_new_tokens).
+
+    `on_step` is called after each new token position (B tokens), e.g. to advance a progress bar.
+    """
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     out = model(input_ids, attention_mask=mask, use_cache=True)
     tokens = [input_ids]
@@ -467,6 +473,8 @@ def generate(
         else:
             nxt = logits.argmax(-1, keepdim=True)
         tokens.append(nxt)
+        if on_step is not None:
+            on_step()
         if step + 1 == max_new_tokens:
             break
         mask = torch.cat((mask, torch.ones_like(nxt)), dim=1)

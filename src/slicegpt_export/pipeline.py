@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import time
@@ -12,12 +13,13 @@ from typing import Any
 
 import torch
 
-from slicegpt_export.atomic import atomic_file
+from slicegpt_export.atomic import atomic_file, make_output_folder
 from slicegpt_export.checkpoint import parameter_count, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
 
 logger = logging.getLogger(__name__)
-MARKER = ".stage.json"
+MARKER = ".stage.json"  # <stage output>.stage.json: the inputs of a finished stage
+JOB_MARKER = ".slicegpt-export-job.json"  # in --out: the folder is the one-shot job's own
 FORMATS = {"onnx": ("onnx",), "gguf": ("gguf",), "all": ("onnx", "gguf")}
 
 
@@ -32,17 +34,52 @@ class StageError(SliceGPTError):
     """A stage of the one-shot job failed; the message names it."""
 
 
-def run_stage(name: str, marker: Path, inputs: dict[str, Any], action: Callable[[], None], records: list[StageRecord]) -> None:
-    """Run `action` unless `marker` records the same inputs from a finished run; then record them."""
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested stage inputs as {"checkpoint.sparsity": 0.25, ...}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_inputs(recorded: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """'sparsity 0.25 -> 0.3' for every input that differs from the recorded one."""
+    old, new = flat(recorded), flat(inputs)
+    return [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def why_redo(marker: Path, inputs: dict[str, Any], output: Path | None) -> str | None:
+    """Why a stage that ran before must run again, or None when its recorded inputs match and its output is there."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"its record {marker.name} is unreadable"
+    if output is not None and not output.exists():
+        return f"its output {output} is missing"
+    changes = changed_inputs(recorded, inputs) if isinstance(recorded, dict) else ["(unreadable record)"]
+    return f"inputs changed: {'; '.join(changes)}" if changes else None
+
+
+def run_stage(
+    name: str, marker: Path, inputs: dict[str, Any], action: Callable[[], None], records: list[StageRecord], *,
+    output: Path | None = None, redo: str | None = None,
+) -> None:  # fmt: skip
+    """Run `action` unless `marker` records the same inputs from a finished run (and `output` exists); then record them.
+
+    A stage that ran before and runs again says why: `redo` (e.g. --overwrite), a changed input, or a missing output.
+    """
     if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == inputs:
-                logger.info("stage %s: reusing %s (same inputs)", name, marker.parent)
-                records.append(StageRecord(name, 0.0, True))
-                return
-        except json.JSONDecodeError:
-            pass
-    logger.info("stage %s ...", name)
+        reason = redo or why_redo(marker, inputs, output)
+        if reason is None:
+            logger.info("stage %s: reusing %s (same inputs)", name, output or marker.parent)
+            records.append(StageRecord(name, 0.0, True))
+            return
+        logger.info("stage %s: redone, %s; the earlier output is replaced when it finishes", name, reason)
+    else:
+        logger.info("stage %s ...", name)
     start = time.perf_counter()
     try:
         action()
@@ -73,21 +110,27 @@ def export_validated(
     return path
 
 
-def sweep_sparsities(checkpoint: Path, sparsities: list[float], *, text: Path, out: Path, seqlen: int, windows: int | None) -> list[dict]:
-    """Slice the checkpoint's source again at each sparsity (same calibration) and measure perplexity and size."""
+def sweep_sparsities(
+    checkpoint: Path, sparsities: list[float], *, text: Path, out: Path, seqlen: int, windows: int | None,
+    ids: torch.Tensor | None = None,
+) -> list[dict]:  # fmt: skip
+    """Slice the checkpoint's source again at each sparsity (same calibration) and measure perplexity and size.
+
+    `ids`: the evaluation windows already tokenized for the artifacts (else `text` is tokenized here).
+    """
     from slicegpt_export.checkpoint import load_sliced
     from slicegpt_export.converter.convert import slice_checkpoint
-    from slicegpt_export.sources.text import text_windows
-    from slicegpt_export.sources.tokenizer import load_tokenizer
     from slicegpt_export.validation.perplexity import perplexity
+    from slicegpt_export.validation.report import evaluation_ids
 
     cfg, _ = read_config(checkpoint)
     calib = cfg.calibration
-    ids = text_windows(text, load_tokenizer(checkpoint), seqlen=seqlen, windows=windows)
+    ids = evaluation_ids(checkpoint, text, seqlen=seqlen, windows=windows) if ids is None else ids
     rows = []
     for s in sparsities:
         target = out / f"sparsity-{s:g}"
         if not (target / "config.json").is_file():
+            logger.info("sweep: slicing at sparsity %g with the checkpoint's calibration (%s)", s, calib.get("source"))
             slice_checkpoint(
                 model=cfg.source_model or None, out=target, sparsity=s, round_to=cfg.round_to, calib=calib.get("source"),
                 calib_samples=calib.get("samples", 128), calib_seqlen=calib.get("seqlen", 2048), seed=calib.get("seed", 42),
@@ -95,7 +138,7 @@ def sweep_sparsities(checkpoint: Path, sparsities: list[float], *, text: Path, o
             )  # fmt: skip
         model = load_sliced(target)
         with torch.no_grad():
-            ppl = perplexity(lambda x: model(x).logits, ids)
+            ppl = perplexity(lambda x: model(x).logits, ids, progress=True, label=f"sparsity {s:g}")
         rows.append({"sparsity": s, "perplexity": ppl, "parameters": parameter_count(read_tensors(target))})
         logger.info("sweep %.2f: perplexity %.3f", s, ppl)
     return rows
@@ -115,25 +158,40 @@ def run_job(
     gguf_shortcut_type: str = "auto",
     sweep: list[float] | None = None,
     tasks: list[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Slice `model`, export it as `formats`, validate every artifact and write the report into `out`."""
+    """Slice `model`, export it as `formats`, validate every artifact and write the report into `out`.
+
+    `out` must be new, empty or this job's own earlier output (whose finished stages are reused when their
+    inputs match); `overwrite` writes into any folder and redoes every stage.  `slice_options` are
+    slice_checkpoint's keyword arguments; calibration sizes left None default by device (calibration_size).
+    """
+    from slicegpt_export.converter.calibration import calibration_size
     from slicegpt_export.converter.convert import check_sparsity, slice_checkpoint
+    from slicegpt_export.device import resolve_device
     from slicegpt_export.sources.models import default_model_path
-    from slicegpt_export.validation.report import validate_directory, write_report
+    from slicegpt_export.validation.report import evaluation_ids, validate_directory, write_report
 
     if formats not in FORMATS:
         raise SliceGPTError(f"unknown --format {formats!r} (choose from {', '.join(FORMATS)})")
     check_sparsity(sparsity)
+    if sweep and eval_text is None:
+        raise SliceGPTError("--sweep needs --eval-text")
     if tasks:
         require_lm_eval()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out, overwrite=overwrite)
+    device = slice_options.get("device", "auto")
+    samples, seqlen = calibration_size(slice_options.get("calib_samples"), slice_options.get("calib_seqlen"), resolve_device(device))
+    slice_options = {**slice_options, "calib_samples": samples, "calib_seqlen": seqlen}
     source = str(default_model_path()) if model is None else str(model)
     records: list[StageRecord] = []
     checkpoint = out / "checkpoint"
+    redo = "--overwrite redoes every stage" if overwrite else None
     slice_inputs = {"model": source, "sparsity": sparsity, **{k: str(v) for k, v in slice_options.items() if k != "device"}}
     run_stage("slice", out / f"checkpoint{MARKER}", slice_inputs,
-              lambda: slice_checkpoint(model=source, out=checkpoint, sparsity=sparsity, overwrite=True, **slice_options), records)  # fmt: skip
+              lambda: slice_checkpoint(model=source, out=checkpoint, sparsity=sparsity, overwrite=True, **slice_options), records,
+              output=checkpoint, redo=redo)  # fmt: skip
     for fmt in FORMATS[formats]:
         target = out / fmt
         inputs = {"checkpoint": slice_inputs, "precision": precision, "quantize": quantize, "gguf_type": gguf_type,
@@ -141,20 +199,14 @@ def run_job(
         run_stage(f"export {fmt}", out / f"{fmt}{MARKER}", inputs,
                   lambda fmt=fmt, target=target: export_validated(format=fmt, checkpoint=checkpoint, out=target, precision=precision,
                                                                  quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type,
-                                                                 overwrite=True), records)  # fmt: skip
-    results: list = []
+                                                                 overwrite=True), records, output=target, redo=redo)  # fmt: skip
     sweep_rows: list[dict] | None = None
-
-    def validate() -> None:
-        nonlocal sweep_rows
-        results.extend(validate_directory(out, text=eval_text))
-        if sweep:
-            if eval_text is None:
-                raise SliceGPTError("--sweep needs --eval-text")
-            sweep_rows = sweep_sparsities(checkpoint, sweep, text=eval_text, out=out / "sweep", seqlen=512, windows=64)
-
+    logger.info("stage validate ...")
     start = time.perf_counter()
-    validate()
+    ids = evaluation_ids(checkpoint, eval_text) if eval_text is not None else None  # tokenized once, shared by every artifact
+    results = validate_directory(out, text=eval_text, ids=ids, device=device)
+    if sweep:
+        sweep_rows = sweep_sparsities(checkpoint, sweep, text=eval_text, out=out / "sweep", seqlen=512, windows=64, ids=ids)
     records.append(StageRecord("validate", time.perf_counter() - start, False))
     cfg, _ = read_config(checkpoint)
     summary = {
@@ -164,6 +216,22 @@ def run_job(
     }
     write_report(out, results, checkpoint=checkpoint, extra=summary, sweep=sweep_rows)
     return {"config": cfg, "results": results, "records": records, **summary, "report": out / "report.md"}
+
+
+def claim_output_folder(out: Path, *, overwrite: bool) -> None:
+    """Make `out` the job's folder: create it, or accept it empty or holding this job's earlier output; else refuse.
+
+    Earlier output is recognised by the job marker or by stage markers (written before the job marker existed).
+    """
+    make_output_folder(out)
+    entries = list(out.iterdir())
+    ours = any(p.name == JOB_MARKER or p.name.endswith(MARKER) for p in entries)
+    if entries and not ours and not overwrite:
+        raise SliceGPTError(f"output folder {out} is not empty and was not written by slicegpt-export "
+                            "(choose a new --out, or pass --overwrite to write into it)")  # fmt: skip
+    if not (out / JOB_MARKER).is_file():
+        with atomic_file(out / JOB_MARKER) as tmp:
+            tmp.write_text(json.dumps({"written_by": "slicegpt-export", "version": importlib.metadata.version("slicegpt-export")}) + "\n")
 
 
 def require_lm_eval() -> None:

@@ -10,11 +10,33 @@ from typing import Any
 import torch
 
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.sources.text import read_hub_dataset, read_local_text, sample_windows, tokenize_text
+from slicegpt_export.sources.text import TEXT_SUFFIXES, read_hub_dataset, read_local_text, sample_windows, tokenize_text
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "wikitext:wikitext-2-raw-v1"
+#: (windows, tokens per window) when not given: the paper's 128 x 2048 on CUDA; on any other device the README's
+#: protocol, 64 x 512, which calibrates SmolLM2-135M in a few minutes on 2 CPU cores (even when sampled from the model)
+DEFAULT_SIZE = {"cuda": (128, 2048), "other": (64, 512)}
+
+
+def calibration_size(samples: int | None, seqlen: int | None, device: torch.device) -> tuple[int, int]:
+    """`samples` x `seqlen`, each defaulting (when None) to what fits `device`; a default is logged."""
+    default_samples, default_seqlen = DEFAULT_SIZE["cuda" if device.type == "cuda" else "other"]
+    if samples is None or seqlen is None:
+        samples = default_samples if samples is None else samples
+        seqlen = default_seqlen if seqlen is None else seqlen
+        logger.info(
+            "calibration size: %d windows of %d tokens, the default on %s (CUDA: %d x %d, other devices: %d x %d); "
+            "set --calib-samples and --calib-seqlen to choose", samples, seqlen, device.type, *DEFAULT_SIZE["cuda"],
+            *DEFAULT_SIZE["other"],
+        )  # fmt: skip
+    return samples, seqlen
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a --calib value can only be meant as a file or folder (a dataset is NAME, NAME:CONFIG or OWNER/NAME)."""
+    return value.startswith(("/", ".", "~")) or value.endswith(TEXT_SUFFIXES) or value.count("/") > 1 or "\\" in value
 
 
 def calibration_ids(
@@ -29,15 +51,24 @@ def calibration_ids(
     """Calibration windows (samples, seqlen) and a description of where they came from.
 
     `source` is a local file or folder, a dataset name, or None for WikiText-2 from the hub;
-    when None and the hub is unreachable, windows are sampled from the model itself.
+    when None and the hub is unreachable, windows are sampled from the model itself.  A
+    value that can only be a path (see looks_like_path) and does not exist is refused.
     """
     if samples < 1 or seqlen < 2:
         raise SliceGPTError(f"calibration needs at least 1 sample of 2 tokens (got {samples} x {seqlen})")
-    if source is not None and Path(source).exists():
-        ids = tokenize_text(read_local_text(Path(source)), tokenizer)
+    if source is not None and Path(source).expanduser().exists():
+        ids = tokenize_text(read_local_text(Path(source).expanduser()), tokenizer)
         return sample_windows(ids, samples=samples, seqlen=seqlen, seed=seed), str(source)
+    if source is not None and looks_like_path(source):
+        raise SliceGPTError(f"calibration text {source}: no such file or folder")
     if source is not None:
-        ids = tokenize_text(read_hub_dataset(source), tokenizer)
+        try:
+            text = read_hub_dataset(source)
+        except SliceGPTError as exc:
+            if "/" not in source:
+                raise
+            raise SliceGPTError(f"calibration text {source}: no such file or folder, nor a usable dataset ({exc})") from exc
+        ids = tokenize_text(text, tokenizer)
         return sample_windows(ids, samples=samples, seqlen=seqlen, seed=seed), source
     try:
         ids = tokenize_text(read_hub_dataset(DEFAULT_DATASET), tokenizer)

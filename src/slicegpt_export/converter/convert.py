@@ -27,7 +27,7 @@ from slicegpt_export.checkpoint import (
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
 from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
-from slicegpt_export.converter.calibration import calibration_ids
+from slicegpt_export.converter.calibration import calibration_ids, calibration_size
 from slicegpt_export.converter.fusion import fuse_norms
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
@@ -96,12 +96,50 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     return model, cfg, adapter
 
 
-def sample_from_model(model: SlicedModel, bos_id: int | None) -> Any:
-    """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1)."""
+#: bytes of KV cache while sampling calibration text from the model: sets how many windows are generated together
+#: (the cache grows by concatenation, so the peak is about twice this)
+SAMPLING_KV_BUDGET = 1 << 30
+
+
+def sampling_batch(cfg: SlicedConfig, samples: int, seqlen: int, dtype: torch.dtype, budget: int = SAMPLING_KV_BUDGET) -> int:
+    """Windows to generate together: as many as keep the KV cache of `seqlen` tokens within `budget`, in equal batches.
+
+    One decoding step costs nearly the same for 8 windows as for 64 on a CPU (its time goes to per-operation
+    overhead), so sampling is about as fast as its batches are large.
+    """
+    per_window = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * seqlen * dtype.itemsize  # keys and values
+    largest = max(1, min(samples, budget // per_window))
+    batches = -(-samples // largest)
+    return -(-samples // batches)
+
+
+def sample_from_model(
+    model: SlicedModel, bos_id: int | None, *, batch_size: int | None = None, progress: bool = False,
+    device: torch.device = torch.device("cpu"),
+) -> Any:  # fmt: skip
+    """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1).
+
+    Windows are generated `batch_size` at a time (default: sampling_batch, which bounds the KV cache) on
+    `device`, with one generator seeded `seed` drawing every token in order; the model is back on the
+    CPU afterwards, where slicing expects it.
+    """
 
     def sample(samples: int, seqlen: int, seed: int) -> torch.Tensor:
-        start = torch.full((samples, 1), bos_id if bos_id is not None else 0, dtype=torch.long)
-        return generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        size = batch_size or sampling_batch(model.config, samples, seqlen, model.embed_tokens.weight.dtype)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        bar = tqdm(total=samples * (seqlen - 1), desc="sampling calibration text", unit="token", disable=not progress)
+        windows = []
+        model.to(device)
+        try:
+            for first in range(0, samples, size):
+                n = min(size, samples - first)
+                start = torch.full((n, 1), bos_id if bos_id is not None else 0, dtype=torch.long, device=device)
+                windows.append(generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=generator,
+                                        on_step=lambda n=n: bar.update(n)).cpu())  # fmt: skip
+        finally:
+            model.to("cpu")
+            bar.close()
+        return torch.cat(windows)  # (samples, seqlen)
 
     return sample
 
@@ -263,8 +301,8 @@ def slice_checkpoint(
     round_to: int = 8,
     slice_head: bool = False,
     calib: str | None = None,
-    calib_samples: int = 128,
-    calib_seqlen: int = 2048,
+    calib_samples: int | None = None,
+    calib_seqlen: int | None = None,
     calib_batch_size: int = 8,
     seed: int = 42,
     device: str = "auto",
@@ -273,12 +311,16 @@ def slice_checkpoint(
     progress: bool = True,
     rotate: bool = True,
 ) -> SliceSummary:
-    """Slice `model` and write a sliced checkpoint folder to `out` atomically (options as slice_fused)."""
+    """Slice `model` and write a sliced checkpoint folder to `out` atomically (options as slice_fused).
+
+    `calib_samples` x `calib_seqlen` default to what suits the device (calibration_size).
+    """
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
     if round_to < 1:
         raise SliceGPTError(f"--round-to must be a positive integer, got {round_to}")
     dev = resolve_device(device)
+    calib_samples, calib_seqlen = calibration_size(calib_samples, calib_seqlen, dev)
     start = time.perf_counter()
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         source = load_source(model, dtype=dtype)
@@ -290,7 +332,7 @@ def slice_checkpoint(
             samples=calib_samples,
             seqlen=min(calib_seqlen, cfg.max_position_embeddings),
             seed=seed,
-            sample_from_model=sample_from_model(fused, bos),
+            sample_from_model=sample_from_model(fused, bos, progress=progress, device=dev),
         )
         logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_origin)
         eigenvalues = slice_fused(

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 #: max |logit difference| allowed per precision on random prompts (real models: 30 fp32 layers reach ~1e-4 on
 #: logits of ~20).  fp16 and quantized graphs are reported, not bounded: they are judged by perplexity on text.
 TOLERANCES = {"float32": 1e-3}
+PROMPT_LEN, DECODE_STEPS = 12, 4  # the export check: 2 random-token prompts of PROMPT_LEN, then DECODE_STEPS greedy steps
 
 
 class OnnxValidationError(SliceGPTError):
@@ -80,7 +81,7 @@ class StepComparison:
 
 
 def compare_with_reference(
-    decoder: OnnxDecoder, reference: SlicedModel, *, prompt_len: int = 12, decode_steps: int = 4, seed: int = 0
+    decoder: OnnxDecoder, reference: SlicedModel, *, prompt_len: int = PROMPT_LEN, decode_steps: int = DECODE_STEPS, seed: int = 0
 ) -> list[StepComparison]:
     """Prefill a batch of 2 (row 1 left-padded by 3) then `decode_steps` greedy steps; compare real positions."""
     vocab = reference.config.vocab_size
@@ -116,8 +117,10 @@ def validate_onnx(onnx_dir: Path, checkpoint: Path, *, tolerance: float | None =
     bound = tolerance if tolerance is not None else (None if quantized else TOLERANCES.get(precision))
     with torch.no_grad():
         results = compare_with_reference(decoder, reference)
+    logger.info("onnx against the reference on 2 prompts of %d random tokens (one left-padded), then %d greedy steps "
+                "(random tokens are harder on lossy types than text; the validate table compares on text):", PROMPT_LEN, DECODE_STEPS)
     for r in results:
-        logger.info("onnx %-9s max |logit diff| %.3g, top-1 agreement %.1f%%", r.step, r.max_abs_diff, 100 * r.top1_agreement)
+        logger.info("  onnx %-9s max |logit diff| %.3g, top-1 agreement %.1f%%", r.step, r.max_abs_diff, 100 * r.top1_agreement)
     if bound is not None:
         bad = [r for r in results if not r.max_abs_diff <= bound]
         if bad:

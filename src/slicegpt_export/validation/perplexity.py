@@ -13,10 +13,16 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids -> (B, T, vocab)
 
 
 @torch.no_grad()
-def perplexity(logits_fn: LogitsFn, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> float:
-    """exp(sum NLL / count) over positions 1..T-1 of every window, logits taken in float32."""
+def perplexity(
+    logits_fn: LogitsFn, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, label: str | None = None
+) -> float:
+    """exp(sum NLL / count) over positions 1..T-1 of every window, logits taken in float32.
+
+    The progress bar reads "perplexity: <label>" (the artifact being measured) when a label is given.
+    """
     total, count = 0.0, 0
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+    desc = f"perplexity: {label}" if label else "perplexity"
+    for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
         logits = logits_fn(batch).float()  # (B, T, V)
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten().to(logits.device), reduction="sum")
         total += nll.item()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from slicegpt_export.atomic import atomic_file
 from slicegpt_export.checkpoint import load_sliced, read_config, read_spectra
+from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.text import text_windows
 from slicegpt_export.sources.tokenizer import load_tokenizer
@@ -24,6 +25,11 @@ from slicegpt_export.validation.runners import is_sliced_checkpoint
 logger = logging.getLogger(__name__)
 
 COMPARE_WINDOWS = 2  # evaluation windows on which logits are compared with the reference
+#: what the export stage's own check measures, said beside every table of this module's measure
+EXPORT_CHECK_NOTE = (
+    "The check each export logs when it is written compares on random-token prompts instead, where lossy types "
+    "(f16, q8_0, int8 ...) differ more than on text; perplexity judges them."
+)
 
 
 @dataclasses.dataclass
@@ -36,6 +42,7 @@ class ArtifactResult:
     mean_abs_diff: float | None = None
     kl_divergence: float | None = None  # mean KL(reference || artifact) per token, nats
     top1_agreement: float | None = None
+    compared_on: str | None = None  # the windows the differences were measured on
 
 
 @dataclasses.dataclass
@@ -64,7 +71,7 @@ def size_mb(path: Path) -> float:
 
 def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     """Max and mean |difference|, mean KL(reference || other) and top-1 agreement of (N, V) logits."""
-    ref, oth = reference.float().flatten(0, -2), other.float().flatten(0, -2)
+    ref, oth = reference.float().cpu().flatten(0, -2), other.float().cpu().flatten(0, -2)
     kl = F.kl_div(F.log_softmax(oth, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
     return {
         "max_abs_diff": (ref - oth).abs().max().item(),
@@ -91,42 +98,82 @@ def artifact_runners(artifacts: Artifacts, *, n_ctx: int) -> list[tuple[str, Pat
     return runners
 
 
+def evaluation_ids(checkpoint: Path, text: Path, *, seqlen: int = 512, windows: int | None = 64) -> torch.Tensor:
+    """The evaluation text tokenized once by the checkpoint's tokenizer, as (n, seqlen) windows shared by every artifact.
+
+    `seqlen` is capped at the model's context: exported graphs hold rotary tables for that many positions.
+    """
+    cfg, _ = read_config(checkpoint)
+    return text_windows(Path(text), load_tokenizer(checkpoint), seqlen=min(seqlen, cfg.max_position_embeddings), windows=windows)
+
+
+def describe_windows(ids: torch.Tensor, text: Path | None) -> str:
+    n, T = ids.shape
+    if text is None:
+        return f"{n} windows of {T} random tokens (no evaluation text)"
+    return f"the first {n} window{'s' if n > 1 else ''} of {T} tokens of {text}"
+
+
 @torch.no_grad()
 def validate_directory(
-    directory: Path, *, text: Path | None, seqlen: int = 512, windows: int | None = 64, batch_size: int = 8, dense: bool = True
-) -> list[ArtifactResult]:
-    """Perplexity and agreement with the reference of every artifact; the dense source's perplexity when at hand."""
+    directory: Path, *, text: Path | None, seqlen: int = 512, windows: int | None = 64, batch_size: int = 8, dense: bool = True,
+    device: str | torch.device = "cpu", ids: torch.Tensor | None = None,
+) -> list[ArtifactResult]:  # fmt: skip
+    """Perplexity and agreement with the reference of every artifact; the dense source's perplexity when at hand.
+
+    Every artifact is measured on the same windows: `ids` when given (see evaluation_ids), else
+    the text tokenized here once.  The reference and the dense source run on `device`.
+    """
     artifacts = find_artifacts(directory)
     cfg, _ = read_config(artifacts.checkpoint)
     seqlen = min(seqlen, cfg.max_position_embeddings)  # exported graphs hold rotary tables for this many positions
-    reference = load_sliced(artifacts.checkpoint)
-    if text is not None:
-        ids = text_windows(Path(text), load_tokenizer(artifacts.checkpoint), seqlen=seqlen, windows=windows)
-    else:  # no evaluation text: agreement on random tokens only
+    dev = resolve_device(device)
+    reference = load_sliced(artifacts.checkpoint, device=dev)
+    if ids is None and text is not None:
+        ids = evaluation_ids(artifacts.checkpoint, Path(text), seqlen=seqlen, windows=windows)
+    elif ids is None:  # no evaluation text: agreement on random tokens only
         ids = torch.randint(0, cfg.vocab_size, (COMPARE_WINDOWS, seqlen), generator=torch.Generator().manual_seed(0))
     compare = ids[:COMPARE_WINDOWS]
-    ref_logits = reference(compare).logits
+    compared_on = describe_windows(compare, text)
+    ref_logits = reference(compare.to(dev)).logits
+    if text is not None:
+        logger.info("perplexity of every artifact on %s; logit differences on %s", describe_windows(ids, text), compared_on)
+    else:
+        logger.info("no evaluation text, so no perplexity: logit differences on %s", compared_on)
 
     def evaluate(name: str, path: Path, fn: LogitsFn, with_agreement: bool) -> ArtifactResult:
         result = ArtifactResult(name, str(path), size_mb(path) if path.exists() else None)
         if text is not None:
-            result.perplexity = perplexity(fn, ids, batch_size=batch_size, progress=True)
+            result.perplexity = perplexity(fn, ids, batch_size=batch_size, progress=True, label=name)
         if with_agreement:
             for k, v in agreement(ref_logits, fn(compare)).items():
                 setattr(result, k, v)
-        logger.info("%s: perplexity %s, max |logit diff| %s", name, result.perplexity, result.max_abs_diff)
+            result.compared_on = compared_on
+        logger.info("%s: perplexity %s, max |logit diff| %s, top-1 %s", name, fmt(result.perplexity, ".3f"),
+                    fmt(result.max_abs_diff, ".3g"), fmt(result.top1_agreement, ".1%"))  # fmt: skip
         return result
 
-    results = [evaluate("reference", artifacts.checkpoint, lambda x: reference(x).logits, False)]
+    def on_device(model: Callable[..., Any]) -> LogitsFn:
+        return lambda x: model(x.to(dev)).logits
+
+    results = [evaluate("reference", artifacts.checkpoint, on_device(reference), False)]
     for name, path, factory in artifact_runners(artifacts, n_ctx=max(seqlen, ids.shape[1])):
         results.append(evaluate(name, path, factory(), True))
     source = cfg.source_model
     if dense and text is not None and source and Path(source).exists():
         from slicegpt_export.sources.models import dense_model, load_source
 
-        dense = dense_model(load_source(source))
-        results.insert(0, evaluate("dense source", Path(source), lambda x: dense(x).logits, False))
+        results.insert(0, evaluate("dense source", Path(source), on_device(dense_model(load_source(source)).to(dev)), False))
     return results
+
+
+def agreement_note(results: list[ArtifactResult]) -> str:
+    """What the table's logit differences were measured on, and how the export stage's own check differs."""
+    compared = next((r.compared_on for r in results if r.compared_on), None)
+    if compared is None:
+        return ""
+    return (f"Logit differences and top-1 agreement are against the PyTorch reference on {compared}; KL is mean "
+            f"KL(reference || artifact) per token. {EXPORT_CHECK_NOTE}")  # fmt: skip
 
 
 def kept_variance(spectra: dict[str, torch.Tensor], cfg: Any) -> dict[str, float]:
@@ -244,7 +291,7 @@ def write_report(directory: Path, results: list[ArtifactResult], *, checkpoint: 
         "",
         markdown_table(results),
         "",
-        "Differences are against the PyTorch reference on the first evaluation windows; KL is mean KL(reference || artifact) per token.",
+        agreement_note(results),
         "",
     ]
     if (extra or {}).get("zero_shot"):

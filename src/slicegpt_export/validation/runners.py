@@ -1,4 +1,4 @@
-"""Perplexity of a sliced checkpoint (the reference) or of a dense source model."""
+"""Perplexity of a sliced checkpoint (the reference), of a dense source model, or of a `slicegpt` GGUF file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from slicegpt_export.checkpoint import CONFIG_NAME, SECTION, load_sliced
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.models import dense_model, load_source
-from slicegpt_export.sources.text import text_windows
+from slicegpt_export.sources.text import evaluation_windows, read_local_text, text_windows
 from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.perplexity import perplexity
 
@@ -52,3 +52,41 @@ def reference_perplexity(
         raise SliceGPTError(f"{path} has no tokenizer to read the evaluation text with")
     ids = text_windows(text, tokenizer, seqlen=seqlen, windows=windows)
     return perplexity(reference_logits_fn(model, dev), ids, batch_size=batch_size, progress=True)
+
+
+def is_slicegpt_gguf(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file of this tool's `slicegpt` architecture (a stock one is read as a dense source)."""
+    from slicegpt_export.gguf_spec import ARCH
+    from slicegpt_export.validation.gguf_runner import Metadata, open_reader
+
+    path = Path(path)
+    if path.suffix != ".gguf" or not path.is_file():
+        return False
+    return Metadata(open_reader(path), path).get("general.architecture", str, None) == ARCH
+
+
+@torch.no_grad()
+def gguf_perplexities(
+    path: str | Path, *, text: Path, seqlen: int, windows: int | None, batch_size: int, device: str = "auto"
+) -> list[tuple[str, float]]:
+    """Perplexity of a `slicegpt` GGUF file from the file alone: the file-only runner, then llama.cpp when it is built.
+
+    The text is tokenized once by the file's own vocabulary; both runners read the same windows.
+    """
+    from slicegpt_export.validation.gguf_runner import GGUFModel
+    from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel, llama_cpp_available
+
+    path, dev = Path(path), resolve_device(device)
+    model = GGUFModel(path)
+    tokens = model.tokenizer().encode(read_local_text(Path(text)), add_special_tokens=False).ids
+    ids = evaluation_windows(torch.tensor(tokens, dtype=torch.long), seqlen=min(seqlen, model.config.max_position_embeddings),
+                             windows=windows)  # fmt: skip
+    runner = model.model.to(dev)
+    results = [("gguf runner", perplexity(reference_logits_fn(runner, dev), ids, batch_size=batch_size, progress=True,
+                                          label=f"gguf runner {path.name}"))]  # fmt: skip
+    del model, runner
+    if llama_cpp_available():
+        llm = LlamaCppModel(path, n_ctx=ids.shape[1])
+        results.append(("llama.cpp", perplexity(llm.logits, ids, batch_size=1, progress=True, label=f"llama.cpp {path.name}")))
+        llm.close()
+    return results
