@@ -36,3 +36,11 @@ def llama_cpp():
         if os.environ.get("SLICEGPT_REQUIRE_LLAMA_CPP") == "1":
             raise
         pytest.skip(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def generation_cache(tmp_path_factory, monkeypatch):
+    """Text the models generate is cached in a folder of the test session, never in the user's cache."""
+    from slicegpt_export.sources.generation import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "generation-cache"))

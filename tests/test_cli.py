@@ -124,5 +124,5 @@ def test_without_calibration_text_the_model_samples_its_own(tiny_folder, tmp_pat
         summary = slice_checkpoint(model=str(tiny_folder), out=tmp_path / "o", sparsity=0.25, calib=None,
                                    calib_samples=2, calib_seqlen=16, device="cpu", progress=False)  # fmt: skip
     assert "sampled from the model itself" in caplog.text
-    assert summary.config.calibration["source"] == "sampled from the model"
+    assert summary.config.calibration["source"] == "self"
     assert summary.config.calibration["samples"] == 2 and summary.config.calibration["seqlen"] == 16

@@ -397,11 +397,17 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    stop_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Greedy (temperature 0) or sampled continuation through the KV cache; returns (B, T + max_new_tokens)."""
+    """Greedy (temperature 0) or sampled continuation through the KV cache; returns (B, T + max_new_tokens).
+
+    With `stop_token_id`, a row that has produced it keeps producing it, and generation ends
+    early (fewer than max_new_tokens new columns) once every row has.
+    """
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     out = model(input_ids, attention_mask=mask, use_cache=True)
     tokens = [input_ids]
+    stopped = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)  # (B, 1)
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (B, vocab)
         if temperature > 0:
@@ -409,8 +415,11 @@ def generate(
             nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         else:
             nxt = logits.argmax(-1, keepdim=True)
+        if stop_token_id is not None:
+            nxt = nxt.masked_fill(stopped, stop_token_id)
+            stopped = stopped | (nxt == stop_token_id)
         tokens.append(nxt)
-        if step + 1 == max_new_tokens:
+        if step + 1 == max_new_tokens or bool(stopped.all()):
             break
         mask = torch.cat((mask, torch.ones_like(nxt)), dim=1)
         out = model(nxt, attention_mask=mask, past_key_values=out.past_key_values)

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, build_checked, parameter_count, save_checkpoint
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
-from slicegpt_export.converter.calibration import calibration_ids
 from slicegpt_export.converter.fusion import fuse_norms
+from slicegpt_export.converter.mixture import DenseWriter, calibration_windows
 from slicegpt_export.converter.slicing import CalibrationBatch, rotate_and_slice, sliced_width
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.modeling import SlicedModel, generate
+from slicegpt_export.modeling import SlicedModel
 from slicegpt_export.sources.models import SourceModel, load_source
 
 logger = logging.getLogger(__name__)
@@ -64,16 +64,6 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     fuse_norms(model, norms, norm_kind=adapter.norm_kind)
     cfg.bias = {**cfg.bias, "head": model.lm_head.bias is not None}
     return model, cfg, adapter
-
-
-def sample_from_model(model: SlicedModel, bos_id: int | None) -> Any:
-    """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1)."""
-
-    def sample(samples: int, seqlen: int, seed: int) -> torch.Tensor:
-        start = torch.full((samples, 1), bos_id if bos_id is not None else 0, dtype=torch.long)
-        return generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-
-    return sample
 
 
 def calibration_batches(ids: torch.Tensor, batch_size: int, device: torch.device) -> list[CalibrationBatch]:
@@ -146,7 +136,7 @@ def slice_checkpoint(
     sparsity: float,
     round_to: int = 8,
     slice_head: bool = False,
-    calib: str | None = None,
+    calib: str | list[str] | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 2048,
     calib_batch_size: int = 8,
@@ -157,7 +147,11 @@ def slice_checkpoint(
     progress: bool = True,
     rotate: bool = True,
 ) -> SliceSummary:
-    """Slice `model` and write a sliced checkpoint folder to `out` atomically."""
+    """Slice `model` and write a sliced checkpoint folder to `out` atomically.
+
+    `calib` is one source or a list of ``SOURCE[:WEIGHT]`` mixed by weight (see converter.mixture);
+    the built-in sources ``self`` and ``self-chat`` are written by the fused dense model (cached).
+    """
     check_sparsity(sparsity)
     if round_to < 1:
         raise SliceGPTError(f"--round-to must be a positive integer, got {round_to}")
@@ -167,16 +161,15 @@ def slice_checkpoint(
         source = load_source(model, dtype=dtype)
         params_before = parameter_count(source.tensors)
         fused, cfg, _ = fused_model(source)
-        bos = getattr(source.tokenizer, "bos_token_id", None)
-        ids, calib_origin = calibration_ids(
+        ids, calib_record = calibration_windows(
             calib,
             source.tokenizer,
             samples=calib_samples,
             seqlen=min(calib_seqlen, cfg.max_position_embeddings),
             seed=seed,
-            sample_from_model=sample_from_model(fused, bos),
+            writer=DenseWriter(fused, source.tokenizer, device=dev, progress=progress),
         )
-        logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_origin)
+        logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_record["source"])
         eigenvalues = slice_fused(
             fused,
             cfg,
@@ -191,7 +184,7 @@ def slice_checkpoint(
         )
         cfg.source_model, cfg.dense_parameters = source.origin, params_before
         cfg.calibration = {
-            "source": calib_origin,
+            **calib_record,
             "samples": int(ids.shape[0]),
             "seqlen": int(ids.shape[1]),
             "seed": seed,
