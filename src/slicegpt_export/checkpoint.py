@@ -102,6 +102,7 @@ class SlicedConfig:
     sparsity: float = 0.0
     round_to: int = 8
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recovery: dict[str, Any] = dataclasses.field(default_factory=dict)  # recovery fine-tuning settings; empty: none
     source_model: str = ""  # where the dense model came from (folder, hub id or .gguf file)
     dense_parameters: int = 0  # stored parameters of the dense source (a tied head counted once)
     format_version: int = FORMAT_VERSION
