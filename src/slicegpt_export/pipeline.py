@@ -107,7 +107,7 @@ def run_job(
     formats: str,
     model: str | None,
     sparsity: float,
-    eval_text: Path | None,
+    eval_text: Path | list[Path] | None,
     slice_options: dict[str, Any],
     precision: str = "fp32",
     quantize: str | None = None,
@@ -117,8 +117,10 @@ def run_job(
     tasks: list[str] | None = None,
 ) -> dict[str, Any]:
     """Slice `model`, export it as `formats`, validate every artifact and write the report into `out`."""
-    from slicegpt_export.converter.convert import check_sparsity, slice_checkpoint
+    from slicegpt_export.converter.convert import check_sparsity
+    from slicegpt_export.converter.recovery import slice_and_recover
     from slicegpt_export.sources.models import default_model_path
+    from slicegpt_export.validation.fidelity import quality_beyond_calibration
     from slicegpt_export.validation.report import validate_directory, write_report
 
     if formats not in FORMATS:
@@ -133,7 +135,7 @@ def run_job(
     checkpoint = out / "checkpoint"
     slice_inputs = {"model": source, "sparsity": sparsity, **{k: str(v) for k, v in slice_options.items() if k != "device"}}
     run_stage("slice", out / f"checkpoint{MARKER}", slice_inputs,
-              lambda: slice_checkpoint(model=source, out=checkpoint, sparsity=sparsity, overwrite=True, **slice_options), records)  # fmt: skip
+              lambda: slice_and_recover(model=source, out=checkpoint, sparsity=sparsity, overwrite=True, **slice_options), records)  # fmt: skip
     for fmt in FORMATS[formats]:
         target = out / fmt
         inputs = {"checkpoint": slice_inputs, "precision": precision, "quantize": quantize, "gguf_type": gguf_type,
@@ -143,15 +145,18 @@ def run_job(
                                                                  quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type,
                                                                  overwrite=True), records)  # fmt: skip
     results: list = []
+    quality: dict[str, Any] = {}
     sweep_rows: list[dict] | None = None
 
     def validate() -> None:
         nonlocal sweep_rows
         results.extend(validate_directory(out, text=eval_text))
+        quality.update(quality_beyond_calibration(checkpoint) or {})
         if sweep:
             if eval_text is None:
                 raise SliceGPTError("--sweep needs --eval-text")
-            sweep_rows = sweep_sparsities(checkpoint, sweep, text=eval_text, out=out / "sweep", seqlen=512, windows=64)
+            first_text = eval_text[0] if isinstance(eval_text, list) else eval_text
+            sweep_rows = sweep_sparsities(checkpoint, sweep, text=first_text, out=out / "sweep", seqlen=512, windows=64)
 
     start = time.perf_counter()
     validate()
@@ -161,6 +166,7 @@ def run_job(
         "stages": [dataclasses.asdict(r) for r in records],
         "parameters": parameter_count(read_tensors(checkpoint)),
         "zero_shot": zero_shot(checkpoint, tasks) if tasks else None,
+        "quality": quality or None,
     }
     write_report(out, results, checkpoint=checkpoint, extra=summary, sweep=sweep_rows)
     return {"config": cfg, "results": results, "records": records, **summary, "report": out / "report.md"}
