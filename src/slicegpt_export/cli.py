@@ -100,7 +100,7 @@ def main(
 CALIB_HELP = ("Calibration source, repeatable as SOURCE[:WEIGHT] (windows shared in proportion to the weights): a .txt/.jsonl/.parquet "
               "file or folder, a HF dataset NAME[:CONFIG], or the built-ins self (text the model writes) and self-chat "
               "(its answers to the project's chat prompts).")  # fmt: skip
-RECOVER_HELP = "Recovery fine-tuning steps after slicing (LoRA distillation from the dense model; 0: none; 200 recommended)."
+RECOVER_HELP = "Recovery fine-tuning steps after slicing (LoRA distillation from the dense model; 0: none; 150 recommended)."
 RECOVER_LOSS_HELP = "Recovery loss: kl (distillation from the dense model) or ce (next-token cross-entropy, the paper's RFT)."
 
 
@@ -203,7 +203,7 @@ def echo_recovery(result: Any) -> None:
 def recover_command(
     checkpoint: Annotated[Path, typer.Argument(help="A sliced checkpoint folder (its dense source must be at hand: it is the teacher).")],
     out: Annotated[Path, typer.Option(help="Output folder for the recovered checkpoint.")],
-    steps: Annotated[int, typer.Option(help="Training steps (200: the recommended default).")] = 200,
+    steps: Annotated[int, typer.Option(help="Training steps of 2 windows each.")] = 150,
     loss: Annotated[str, typer.Option(help=RECOVER_LOSS_HELP)] = "kl",
     calib: Annotated[list[str] | None, typer.Option(help="Training text as for slice --calib (default: the checkpoint's calibration).")] = None,
     calib_samples: Annotated[int | None, typer.Option(help="Number of training windows (default: the checkpoint's calibration).")] = None,

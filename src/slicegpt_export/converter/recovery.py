@@ -61,7 +61,7 @@ class RecoverySettings:
     alpha: float = 32.0  # LoRA scale alpha (the update is alpha / r * B A)
     lr: float = 1e-3  # peak learning rate (linear warm-up, cosine decay to zero)
     warmup: float = 0.1  # fraction of the steps spent warming up
-    batch_size: int = 4  # windows per step
+    batch_size: int = 2  # windows per step
     seqlen: int = 512  # longer calibration windows are cut into pieces of this many tokens
     train_shortcuts: bool = True  # the shortcut matrices train in full beside the adapters
     shortcut_lr: float = 1e-4  # their peak learning rate (at the adapters' 1e-3 they diverge within steps)
@@ -200,11 +200,15 @@ class TopK:
 
 
 @torch.no_grad()
-def teacher_topk(teacher: nn.Module, data: torch.Tensor, *, k: int, batch_size: int, device: torch.device, progress: bool) -> TopK:
+def teacher_topk(
+    teacher: nn.Module, data: torch.Tensor, *, k: int, batch_size: int, device: torch.device, autocast: bool, progress: bool
+) -> TopK:
     """Top-k log-probabilities of the teacher at every position of `data` (n, T), computed in batches."""
     logprobs, ids = [], []
     for batch in tqdm(data.split(batch_size), desc="recovery: dense distributions", unit="batch", disable=not progress):
-        lp = F.log_softmax(teacher(batch.to(device)).logits.float(), dim=-1)  # (B, T, V)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = teacher(batch.to(device)).logits
+        lp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
         values, indices = lp.topk(k, dim=-1)
         logprobs.append(values.cpu())
         ids.append(indices.cpu())
@@ -265,7 +269,7 @@ def recover(
     if use_teacher is not None and settings.teacher_topk:
         with on_device(use_teacher, device):
             targets = teacher_topk(use_teacher, data, k=settings.teacher_topk, batch_size=settings.batch_size, device=device,
-                                   progress=progress)  # fmt: skip
+                                   autocast=settings.autocast, progress=progress)  # fmt: skip
         use_teacher = None
     student.to(device)
     if use_teacher is not None:
