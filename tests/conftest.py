@@ -103,3 +103,11 @@ def quarter(quarter_checkpoint, test_windows):
     model = load_sliced(quarter_checkpoint)
     with torch.no_grad():
         return quarter_checkpoint, perplexity(lambda ids: model(ids).logits, test_windows)
+
+
+@pytest.fixture(autouse=True)
+def generation_cache(tmp_path_factory, monkeypatch):
+    """Text the models generate is cached in a folder of the test session, never in the user's cache."""
+    from slicegpt_export.sources.generation import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "generation-cache"))

@@ -125,7 +125,7 @@ def test_without_calibration_text_the_model_samples_its_own(tiny_folder, tmp_pat
         summary = slice_checkpoint(model=str(tiny_folder), out=tmp_path / "o", sparsity=0.25, calib=None,
                                    calib_samples=2, calib_seqlen=16, device="cpu", progress=False)  # fmt: skip
     assert "sampled from the model itself" in caplog.text
-    assert summary.config.calibration["source"] == "sampled from the model"
+    assert summary.config.calibration["source"] == "self"
     assert summary.config.calibration["samples"] == 2 and summary.config.calibration["seqlen"] == 16
 
 
@@ -223,32 +223,22 @@ def test_slice_without_sizes_uses_the_cpu_defaults_and_says_so(tiny_folder, cali
 
 
 def test_sampled_calibration_is_batched_and_shows_progress(tiny_folder, capsys):
-    from slicegpt_export.converter.convert import fused_model, sample_from_model
+    from slicegpt_export.converter.convert import fused_model
+    from slicegpt_export.converter.mixture import GENERATION_BATCH, DenseWriter
     from slicegpt_export.sources.models import load_source
 
-    model, _, _ = fused_model(load_source(str(tiny_folder)))
+    source = load_source(str(tiny_folder))
+    model = fused_model(source)[0]
     batches: list[int] = []
     hook = model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    windows = sample_from_model(model, 7, batch_size=3, progress=True)(7, 10, 42)
+    windows = DenseWriter(model, source.tokenizer, progress=True).from_bos(7, 10, 42)
     hook.remove()
-    assert windows.shape == (7, 10) and (windows[:, 0] == 7).all()
-    assert set(batches) == {3, 1} and batches.count(1) == 9  # 3 + 3 + 1 windows, one forward per position each
+    assert windows.shape == (7, 10) and GENERATION_BATCH >= 7
+    assert set(batches) == {7}  # the 7 windows generated together, one forward per position
     err = capsys.readouterr().err
-    assert "sampling calibration text" in err and "63/63" in err  # 7 windows x 9 sampled tokens
-    again = sample_from_model(model, 7, batch_size=3)(7, 10, 42)
-    assert torch.equal(windows, again)  # one seeded generator: reproducible
-
-
-def test_sampling_batches_bound_the_kv_cache():
-    from types import SimpleNamespace
-
-    from slicegpt_export.converter.convert import sampling_batch
-
-    smollm2 = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)  # 46,080 bytes of f32 keys and values per token
-    assert sampling_batch(smollm2, 64, 512, torch.float32) == 32  # 45 windows fit in 1 GiB: two equal batches
-    assert sampling_batch(smollm2, 128, 2048, torch.float32) == 11  # 11 fit: 12 batches, the last of 7
-    assert sampling_batch(smollm2, 4, 64, torch.float32) == 4
-    assert sampling_batch(smollm2, 4, 512, torch.float32, budget=1) == 1
+    assert "self: sampling" in err and "7/7" in err
+    again = DenseWriter(model, source.tokenizer, progress=False).from_bos(7, 10, 42)
+    assert torch.equal(windows, again)  # seeded: reproducible (and cached)
 
 
 def help_text(*command: str) -> str:

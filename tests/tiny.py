@@ -92,11 +92,27 @@ def chat_tokenizer():
     )
 
 
-def save_tiny_model(name: str, folder: Path, *, seed: int = 0) -> Path:
-    """Write a tiny model (safetensors + config.json + byte tokenizer) as a Hugging Face folder."""
+#: a chat template for the byte tokenizer (role tags in angle brackets; the answer ends with the end-of-text byte 255)
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def save_tiny_model(name: str, folder: Path, *, seed: int = 0, train_on: Path | None = None, chat: bool = False) -> Path:
+    """Write a tiny model (safetensors + config.json + byte tokenizer) as a Hugging Face folder.
+
+    With `train_on` (a text file) the model first gets 300 training steps on its bytes; with
+    `chat` the tokenizer gets :data:`BYTE_CHAT_TEMPLATE`.
+    """
     model = tiny_hf_model(name, seed=seed)
+    if train_on is not None:
+        train(model, byte_ids(train_on)[:200_000], 300)
     model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    tokenizer = byte_tokenizer()
+    if chat:
+        tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
     return folder
 
 

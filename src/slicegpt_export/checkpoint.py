@@ -119,6 +119,7 @@ class SlicedConfig:
     round_to: int = 8
     slicing: dict[str, Any] = dataclasses.field(default_factory=dict)  # how widths were chosen (rotation, allocation, budget)
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recovery: dict[str, Any] = dataclasses.field(default_factory=dict)  # recovery fine-tuning settings; empty: none
     source_model: str = ""  # where the dense model came from (folder, hub id or .gguf file)
     size: dict[str, Any] = dataclasses.field(default_factory=dict)  # stored parameters and weight MACs/token vs dense
     format_version: int = FORMAT_VERSION

@@ -138,7 +138,7 @@ def main(
     ffn_keep: Annotated[float, typer.Option(help=FFN_KEEP_HELP)] = 1.0,
     embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
     out: Annotated[Path, typer.Option(help="Output folder of the one-shot job (new, empty, or an earlier run's: finished stages with the same inputs are reused).")] = Path("slicegpt-out"),
-    calib: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
+    calib: Annotated[list[str] | None, typer.Option(help=CALIB_HELP)] = None,
     calib_samples: Annotated[int | None, typer.Option(help=SAMPLES_HELP)] = None,
     calib_seqlen: Annotated[int | None, typer.Option(help=SEQLEN_HELP)] = None,
     calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
@@ -146,9 +146,11 @@ def main(
     round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this (32 for q8_0/q4_0 GGUF).")] = 8,
     slice_head: Annotated[bool, typer.Option("--slice-head", help="Also slice the head input.")] = False,
     no_rotate: Annotated[bool, typer.Option("--no-rotate", help="With --sparsity 0: keep the fused dense model (no PCA, no shortcuts).")] = False,
+    recover: Annotated[int, typer.Option(help=RECOVER_HELP)] = 0,
+    recover_loss: Annotated[str, typer.Option(help=RECOVER_LOSS_HELP)] = "kl",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="Slicing dtype: float32, float64, float16 or bfloat16.")] = "float32",
-    eval_text: Annotated[Path | None, typer.Option(help="Evaluation text for perplexity (else logits are compared on random tokens).")] = None,
+    eval_text: Annotated[list[Path] | None, typer.Option(help="Evaluation text for perplexity, repeatable; python-stdlib is built in (else logits are compared on random tokens).")] = None,
     precision: Annotated[str, typer.Option(help="ONNX: fp32 or fp16.")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="ONNX: int8 or int4 weight-only.")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
@@ -171,11 +173,13 @@ def main(
         raise typer.Exit(0)
     from slicegpt_export.pipeline import run_job
 
-    options = dict(round_to=round_to, slice_head=slice_head, rotate=not no_rotate, calib=calib, calib_samples=calib_samples,
+    options = dict(round_to=round_to, slice_head=slice_head, rotate=not no_rotate, calib=calib_option(calib), calib_samples=calib_samples,
                    calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, device=device, dtype=parse_dtype(dtype),
                    **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep))  # fmt: skip
+    if recover:
+        options.update(recover_steps=recover, recover_loss=recover_loss)
     try:
-        job = run_job(out=out, formats=format, model=model, sparsity=paper_sparsity(sparsity, target_params), eval_text=eval_text, slice_options=options,
+        job = run_job(out=out, formats=format, model=model, sparsity=paper_sparsity(sparsity, target_params), eval_text=eval_text or None, slice_options=options,
                       precision=precision, quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, sweep=parse_sweep(sweep),
                       tasks=tasks.split(",") if tasks else None, overwrite=overwrite)  # fmt: skip
     except KeyboardInterrupt:
@@ -214,6 +218,20 @@ def describe_size(cfg: SlicedConfig) -> str:
             f"{size['dense_parameters'] / 1e6:.1f}M dense -> {size['parameters'] / 1e6:.1f}M ({size['parameter_fraction']:.3f} of dense, "
             f"every tensor, tied ones once); weight MACs/token {size['dense_macs_per_token'] / 1e6:.1f}M -> "
             f"{size['macs_per_token'] / 1e6:.1f}M ({size['mac_fraction']:.3f})")  # fmt: skip
+
+
+CALIB_HELP = ("Calibration source, repeatable as SOURCE[:WEIGHT] (windows shared in proportion to the weights): a .txt/.jsonl/.parquet "
+              "file or folder, a HF dataset NAME[:CONFIG], or the built-ins self (text the model writes) and self-chat "
+              "(its answers to the project's chat prompts).")  # fmt: skip
+RECOVER_HELP = "Recovery fine-tuning steps after slicing (LoRA distillation from the dense model; 0: none; 150 recommended)."
+RECOVER_LOSS_HELP = "Recovery loss: kl (distillation from the dense model) or ce (next-token cross-entropy, the paper's RFT)."
+
+
+def calib_option(values: list[str] | None) -> str | list[str] | None:
+    """One --calib value as a string (the protocol's form), several as a list, none as None."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
 
 
 def parse_sweep(text: str | None) -> list[float] | None:
@@ -269,7 +287,7 @@ def slice_command(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this (32 for q8_0/q4_0 GGUF).")] = 8,
     slice_head: Annotated[bool, typer.Option("--slice-head", help="Also slice the head input.")] = False,
-    calib: Annotated[str | None, typer.Option(help=CALIB_HELP)] = None,
+    calib: Annotated[list[str] | None, typer.Option(help=CALIB_HELP)] = None,
     calib_samples: Annotated[int | None, typer.Option(help=SAMPLES_HELP)] = None,
     calib_seqlen: Annotated[int | None, typer.Option(help=SEQLEN_HELP)] = None,
     calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
@@ -278,14 +296,16 @@ def slice_command(
     dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     no_rotate: Annotated[bool, typer.Option("--no-rotate", help="With --sparsity 0: write the fused dense model (no PCA, no shortcuts).")] = False,
+    recover: Annotated[int, typer.Option(help=RECOVER_HELP)] = 0,
+    recover_loss: Annotated[str, typer.Option(help=RECOVER_LOSS_HELP)] = "kl",
 ) -> None:
     """Fuse, rotate and slice a model into a sliced checkpoint folder."""
-    from slicegpt_export.converter.convert import slice_checkpoint
+    from slicegpt_export.converter.recovery import slice_and_recover
 
     try:
-        summary = slice_checkpoint(
-            model=model, out=out, sparsity=paper_sparsity(sparsity, target_params), round_to=round_to, slice_head=slice_head,
-            calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
+        summary, recovery = slice_and_recover(
+            recover_steps=recover, recover_loss=recover_loss, model=model, out=out, sparsity=paper_sparsity(sparsity, target_params), round_to=round_to, slice_head=slice_head,
+            calib=calib_option(calib), calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
             device=device, dtype=parse_dtype(dtype), overwrite=overwrite, rotate=not no_rotate,
             **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep),
         )  # fmt: skip
@@ -297,63 +317,104 @@ def slice_command(
     typer.echo(f"widths: {describe_widths(summary.config)}")
     typer.echo(f"size: {describe_size(summary.config)}")
     typer.echo(f"time: {summary.seconds:.1f} s, peak resident memory {summary.peak_rss_mb:,.0f} MiB")
+    if recovery is not None:
+        echo_recovery(recovery)
+
+
+def echo_recovery(result: Any) -> None:
+    s = result.settings
+    typer.echo(f"recovery: {s.steps} steps ({s.loss}) in {result.seconds:.1f} s, {s.loss} {result.first_loss:.4f} -> {result.last_loss:.4f}, "
+               f"{result.trainable_parameters:,} trained parameters merged into the weights")  # fmt: skip
+
+
+@app.command("recover")
+@one_line_errors
+def recover_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A sliced checkpoint folder (its dense source must be at hand: it is the teacher).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the recovered checkpoint.")],
+    steps: Annotated[int, typer.Option(help="Training steps of 2 windows each.")] = 150,
+    loss: Annotated[str, typer.Option(help=RECOVER_LOSS_HELP)] = "kl",
+    calib: Annotated[list[str] | None, typer.Option(help="Training text as for slice --calib (default: the checkpoint's calibration).")] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="Number of training windows (default: the checkpoint's calibration).")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option(help="Tokens per window (default: the checkpoint's calibration).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the checkpoint's calibration seed).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Recovery fine-tuning: LoRA adapters trained to follow the dense model, merged into an ordinary sliced checkpoint."""
+    from slicegpt_export.converter.recovery import recover_checkpoint
+
+    result = recover_checkpoint(checkpoint=checkpoint, out=out, steps=steps, loss=loss, calib=calib_option(calib), calib_samples=calib_samples,
+                                calib_seqlen=calib_seqlen, seed=seed, device=device, overwrite=overwrite)  # fmt: skip
+    typer.echo(f"recovered checkpoint: {out}")
+    echo_recovery(result)
 
 
 @app.command("perplexity", short_help="Perplexity of a checkpoint, slicegpt GGUF or dense model.")
 @one_line_errors
 def perplexity_command(
     path: Annotated[str, typer.Argument(metavar="PATH", help="A sliced checkpoint folder, a slicegpt .gguf file, or a source model (folder or stock .gguf) for the dense figure.")],
-    text: Annotated[Path, typer.Option(help="Evaluation text (.txt/.jsonl/.parquet file or folder).")],
+    text: Annotated[list[Path], typer.Option(help="Evaluation text (.txt/.jsonl/.parquet file or folder, or the built-in python-stdlib); repeatable.")],
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     windows: Annotated[int, typer.Option(help=WINDOWS_HELP)] = 64,
     batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
-    """Perplexity on consecutive windows of a text: of a sliced checkpoint, of a slicegpt GGUF file (its own runner,
+    """Perplexity on consecutive windows of each text: of a sliced checkpoint, of a slicegpt GGUF file (its own runner,
     and llama.cpp when built), or of a dense source model."""
-    from slicegpt_export.validation.runners import gguf_perplexities, is_slicegpt_gguf, reference_perplexity
+    from slicegpt_export.validation.runners import gguf_perplexities, is_slicegpt_gguf, reference_perplexities
 
-    options = {"text": text, "seqlen": seqlen, "windows": window_count(windows), "batch_size": batch_size, "device": device}
+    options = {"seqlen": seqlen, "windows": window_count(windows), "batch_size": batch_size, "device": device}
     if is_slicegpt_gguf(path):
-        for runner, ppl in gguf_perplexities(path, **options):
-            typer.echo(f"perplexity: {ppl:.4f} ({runner})")
+        for one in text:
+            for runner, ppl in gguf_perplexities(path, text=one, **options):
+                typer.echo(f"perplexity: {ppl:.4f} ({runner})" if len(text) == 1 else f"perplexity ({one}, {runner}): {ppl:.4f}")
         return
-    typer.echo(f"perplexity: {reference_perplexity(path, **options):.4f}")
+    ppls = reference_perplexities(path, texts=text, **options)
+    for name, ppl in ppls.items():
+        typer.echo(f"perplexity: {ppl:.4f}" if len(ppls) == 1 else f"perplexity ({name}): {ppl:.4f}")
 
 
 @app.command("validate", short_help="Check every artifact in a folder; write the report.")
 @one_line_errors
 def validate_command(
     directory: Annotated[Path, typer.Argument(metavar="DIRECTORY", help="A folder holding a sliced checkpoint and its exports (one level deep).")],
-    text: Annotated[Path | None, typer.Option(help="Evaluation text for perplexity.")] = None,
+    text: Annotated[list[Path] | None, typer.Option(help="Evaluation text for perplexity (a file, folder or python-stdlib); repeatable.")] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     windows: Annotated[int, typer.Option(help=WINDOWS_HELP)] = 64,
     sweep: Annotated[str | None, typer.Option(help=SWEEP_HELP)] = None,
     device: Annotated[str, typer.Option(help="Where the PyTorch reference and the dense source run: auto, cpu or cuda[:N].")] = "auto",
+    fidelity: Annotated[bool, typer.Option(help="Compare with the dense source on held-out chat prompts (fidelity, greedy answers).")] = True,
 ) -> None:
     """Perplexity and logit agreement of every artifact found; writes report.md, report.json and plots."""
     from slicegpt_export.pipeline import sweep_sparsities
+    from slicegpt_export.validation.fidelity import quality_beyond_calibration
     from slicegpt_export.validation.report import (
         agreement_note,
         evaluation_ids,
         find_artifacts,
         markdown_table,
+        quality_markdown,
         validate_directory,
         write_report,
     )  # fmt: skip
 
     sparsities = parse_sweep(sweep)
-    if sparsities and text is None:
+    if sparsities and not text:
         raise SliceGPTError("--sweep needs --text")
     checkpoint = find_artifacts(directory).checkpoint
     count = window_count(windows)
-    ids = evaluation_ids(checkpoint, text, seqlen=seqlen, windows=count) if text is not None else None  # shared by all
-    results = validate_directory(directory, text=text, seqlen=seqlen, windows=count, device=device, ids=ids)
-    rows = sweep_sparsities(checkpoint, sparsities, text=text, out=directory / "sweep", seqlen=seqlen, windows=count, ids=ids) if sparsities else None
-    report = write_report(directory, results, checkpoint=checkpoint, sweep=rows)
+    texts = text or []
+    ids = evaluation_ids(checkpoint, texts[0], seqlen=seqlen, windows=count) if texts else None  # shared by all
+    results = validate_directory(directory, text=texts or None, seqlen=seqlen, windows=count, device=device, ids=ids)
+    rows = sweep_sparsities(checkpoint, sparsities, text=texts[0], out=directory / "sweep", seqlen=seqlen, windows=count, ids=ids) if sparsities else None
+    quality = quality_beyond_calibration(checkpoint) if fidelity else None
+    report = write_report(directory, results, checkpoint=checkpoint, sweep=rows, extra={"quality": quality})
     typer.echo(markdown_table(results))
     if agreement_note(results):
         typer.echo(agreement_note(results))
+    if quality:
+        typer.echo("\n".join(quality_markdown(quality)))
     typer.echo(f"report: {report}")
 
 

@@ -457,14 +457,19 @@ def generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     on_step: Callable[[], None] | None = None,
+    stop_token_id: int | None = None,
 ) -> torch.Tensor:
     """Greedy (temperature 0) or sampled continuation through the KV cache; returns (B, T + max_new_tokens).
 
     `on_step` is called after each new token position (B tokens), e.g. to advance a progress bar.
+
+    With `stop_token_id`, a row that has produced it keeps producing it, and generation ends
+    early (fewer than max_new_tokens new columns) once every row has.
     """
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     out = model(input_ids, attention_mask=mask, use_cache=True)
     tokens = [input_ids]
+    stopped = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)  # (B, 1)
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (B, vocab)
         if temperature > 0:
@@ -472,10 +477,13 @@ def generate(
             nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         else:
             nxt = logits.argmax(-1, keepdim=True)
+        if stop_token_id is not None:
+            nxt = nxt.masked_fill(stopped, stop_token_id)
+            stopped = stopped | (nxt == stop_token_id)
         tokens.append(nxt)
         if on_step is not None:
             on_step()
-        if step + 1 == max_new_tokens:
+        if step + 1 == max_new_tokens or bool(stopped.all()):
             break
         mask = torch.cat((mask, torch.ones_like(nxt)), dim=1)
         out = model(nxt, attention_mask=mask, past_key_values=out.past_key_values)

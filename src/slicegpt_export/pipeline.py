@@ -150,7 +150,7 @@ def run_job(
     formats: str,
     model: str | None,
     sparsity: float,
-    eval_text: Path | None,
+    eval_text: Path | list[Path] | None,
     slice_options: dict[str, Any],
     precision: str = "fp32",
     quantize: str | None = None,
@@ -167,10 +167,12 @@ def run_job(
     slice_checkpoint's keyword arguments; calibration sizes left None default by device (calibration_size).
     """
     from slicegpt_export.converter.calibration import calibration_size
-    from slicegpt_export.converter.convert import check_sparsity, slice_checkpoint
+    from slicegpt_export.converter.convert import check_sparsity
+    from slicegpt_export.converter.recovery import slice_and_recover
     from slicegpt_export.device import resolve_device
     from slicegpt_export.sources.models import default_model_path
-    from slicegpt_export.validation.report import evaluation_ids, validate_directory, write_report
+    from slicegpt_export.validation.fidelity import quality_beyond_calibration
+    from slicegpt_export.validation.report import evaluation_ids, evaluation_texts, validate_directory, write_report
 
     if formats not in FORMATS:
         raise SliceGPTError(f"unknown --format {formats!r} (choose from {', '.join(FORMATS)})")
@@ -190,7 +192,7 @@ def run_job(
     redo = "--overwrite redoes every stage" if overwrite else None
     slice_inputs = {"model": source, "sparsity": sparsity, **{k: str(v) for k, v in slice_options.items() if k != "device"}}
     run_stage("slice", out / f"checkpoint{MARKER}", slice_inputs,
-              lambda: slice_checkpoint(model=source, out=checkpoint, sparsity=sparsity, overwrite=True, **slice_options), records,
+              lambda: slice_and_recover(model=source, out=checkpoint, sparsity=sparsity, overwrite=True, **slice_options), records,
               output=checkpoint, redo=redo)  # fmt: skip
     for fmt in FORMATS[formats]:
         target = out / fmt
@@ -203,16 +205,19 @@ def run_job(
     sweep_rows: list[dict] | None = None
     logger.info("stage validate ...")
     start = time.perf_counter()
-    ids = evaluation_ids(checkpoint, eval_text) if eval_text is not None else None  # tokenized once, shared by every artifact
-    results = validate_directory(out, text=eval_text, ids=ids, device=device)
+    texts = evaluation_texts(eval_text)
+    ids = evaluation_ids(checkpoint, texts[0]) if texts else None  # tokenized once, shared by every artifact and the sweep
+    results = validate_directory(out, text=texts or None, ids=ids, device=device)
+    quality = quality_beyond_calibration(checkpoint) or {}
     if sweep:
-        sweep_rows = sweep_sparsities(checkpoint, sweep, text=eval_text, out=out / "sweep", seqlen=512, windows=64, ids=ids)
+        sweep_rows = sweep_sparsities(checkpoint, sweep, text=texts[0], out=out / "sweep", seqlen=512, windows=64, ids=ids)
     records.append(StageRecord("validate", time.perf_counter() - start, False))
     cfg, _ = read_config(checkpoint)
     summary = {
         "stages": [dataclasses.asdict(r) for r in records],
         "parameters": parameter_count(read_tensors(checkpoint)),
         "zero_shot": zero_shot(checkpoint, tasks) if tasks else None,
+        "quality": quality or None,
     }
     write_report(out, results, checkpoint=checkpoint, extra=summary, sweep=sweep_rows)
     return {"config": cfg, "results": results, "records": records, **summary, "report": out / "report.md"}

@@ -1,4 +1,8 @@
-"""Calibration data: token windows drawn from local text, a Hugging Face dataset, or the model itself."""
+"""Calibration data: token windows drawn from local text, a Hugging Face dataset, or the model itself.
+
+Several sources may be mixed (``--calib valid.txt:0.5 --calib self-chat:0.5``): each source
+gets a share of the windows in proportion to its weight (see :mod:`.mixture`).
+"""
 
 from __future__ import annotations
 
@@ -51,8 +55,9 @@ def calibration_ids(
     """Calibration windows (samples, seqlen) and a description of where they came from.
 
     `source` is a local file or folder, a dataset name, or None for WikiText-2 from the hub;
-    when None and the hub is unreachable, windows are sampled from the model itself.  A
-    value that can only be a path (see looks_like_path) and does not exist is refused.
+    when None and the hub is unreachable, windows are sampled from the model itself (the
+    built-in source ``self``).  A value that can only be a path (see looks_like_path) and
+    does not exist is refused.
     """
     if samples < 1 or seqlen < 2:
         raise SliceGPTError(f"calibration needs at least 1 sample of 2 tokens (got {samples} x {seqlen})")
@@ -81,4 +86,4 @@ def calibration_ids(
             samples,
             seqlen,
         )
-        return sample_from_model(samples, seqlen, seed), "sampled from the model"
+        return sample_from_model(samples, seqlen, seed), "self"

@@ -27,8 +27,9 @@ from slicegpt_export.checkpoint import (
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
 from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
-from slicegpt_export.converter.calibration import calibration_ids, calibration_size
+from slicegpt_export.converter.calibration import calibration_size
 from slicegpt_export.converter.fusion import fuse_norms
+from slicegpt_export.converter.mixture import DenseWriter, calibration_windows
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
     CalibrationBatch,
@@ -41,7 +42,7 @@ from slicegpt_export.converter.slicing import (
 )
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.modeling import SlicedModel, generate
+from slicegpt_export.modeling import SlicedModel
 from slicegpt_export.sources.models import SourceModel, load_source
 
 logger = logging.getLogger(__name__)
@@ -94,54 +95,6 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     fuse_norms(model, norms, norm_kind=adapter.norm_kind)
     cfg.bias = {**cfg.bias, "head": model.lm_head.bias is not None}
     return model, cfg, adapter
-
-
-#: bytes of KV cache while sampling calibration text from the model: sets how many windows are generated together
-#: (the cache grows by concatenation, so the peak is about twice this)
-SAMPLING_KV_BUDGET = 1 << 30
-
-
-def sampling_batch(cfg: SlicedConfig, samples: int, seqlen: int, dtype: torch.dtype, budget: int = SAMPLING_KV_BUDGET) -> int:
-    """Windows to generate together: as many as keep the KV cache of `seqlen` tokens within `budget`, in equal batches.
-
-    One decoding step costs nearly the same for 8 windows as for 64 on a CPU (its time goes to per-operation
-    overhead), so sampling is about as fast as its batches are large.
-    """
-    per_window = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * seqlen * dtype.itemsize  # keys and values
-    largest = max(1, min(samples, budget // per_window))
-    batches = -(-samples // largest)
-    return -(-samples // batches)
-
-
-def sample_from_model(
-    model: SlicedModel, bos_id: int | None, *, batch_size: int | None = None, progress: bool = False,
-    device: torch.device = torch.device("cpu"),
-) -> Any:  # fmt: skip
-    """A calibration fallback: windows of text the model writes itself, from its BOS token (temperature 1).
-
-    Windows are generated `batch_size` at a time (default: sampling_batch, which bounds the KV cache) on
-    `device`, with one generator seeded `seed` drawing every token in order; the model is back on the
-    CPU afterwards, where slicing expects it.
-    """
-
-    def sample(samples: int, seqlen: int, seed: int) -> torch.Tensor:
-        size = batch_size or sampling_batch(model.config, samples, seqlen, model.embed_tokens.weight.dtype)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        bar = tqdm(total=samples * (seqlen - 1), desc="sampling calibration text", unit="token", disable=not progress)
-        windows = []
-        model.to(device)
-        try:
-            for first in range(0, samples, size):
-                n = min(size, samples - first)
-                start = torch.full((n, 1), bos_id if bos_id is not None else 0, dtype=torch.long, device=device)
-                windows.append(generate(model, start, max_new_tokens=seqlen - 1, temperature=1.0, generator=generator,
-                                        on_step=lambda n=n: bar.update(n)).cpu())  # fmt: skip
-        finally:
-            model.to("cpu")
-            bar.close()
-        return torch.cat(windows)  # (samples, seqlen)
-
-    return sample
 
 
 def calibration_batches(ids: torch.Tensor, batch_size: int, device: torch.device) -> list[CalibrationBatch]:
@@ -300,7 +253,7 @@ def slice_checkpoint(
     embed_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
-    calib: str | None = None,
+    calib: str | list[str] | None = None,
     calib_samples: int | None = None,
     calib_seqlen: int | None = None,
     calib_batch_size: int = 8,
@@ -313,6 +266,8 @@ def slice_checkpoint(
 ) -> SliceSummary:
     """Slice `model` and write a sliced checkpoint folder to `out` atomically (options as slice_fused).
 
+    `calib` is one source or a list of ``SOURCE[:WEIGHT]`` mixed by weight (see converter.mixture);
+    the built-in sources ``self`` and ``self-chat`` are written by the fused dense model (cached).
     `calib_samples` x `calib_seqlen` default to what suits the device (calibration_size).
     """
     check_sparsity(sparsity)
@@ -325,16 +280,15 @@ def slice_checkpoint(
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         source = load_source(model, dtype=dtype)
         fused, cfg, _ = fused_model(source)
-        bos = getattr(source.tokenizer, "bos_token_id", None)
-        ids, calib_origin = calibration_ids(
+        ids, calib_record = calibration_windows(
             calib,
             source.tokenizer,
             samples=calib_samples,
             seqlen=min(calib_seqlen, cfg.max_position_embeddings),
             seed=seed,
-            sample_from_model=sample_from_model(fused, bos, progress=progress, device=dev),
+            writer=DenseWriter(fused, source.tokenizer, device=dev, progress=progress),
         )
-        logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_origin)
+        logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_record["source"])
         eigenvalues = slice_fused(
             fused,
             cfg,
@@ -354,7 +308,7 @@ def slice_checkpoint(
         )
         cfg.source_model = source.origin
         cfg.calibration = {
-            "source": calib_origin,
+            **calib_record,
             "samples": int(ids.shape[0]),
             "seqlen": int(ids.shape[1]),
             "seed": seed,

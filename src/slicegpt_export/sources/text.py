@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from slicegpt_export.errors import SliceGPTError
+from slicegpt_export.sources.builtin_text import builtin_text
 
 logger = logging.getLogger(__name__)
 
@@ -93,5 +94,7 @@ def evaluation_windows(ids: torch.Tensor, *, seqlen: int, windows: int | None) -
 
 
 def text_windows(path: Path, tokenizer: Any, *, seqlen: int, windows: int | None) -> torch.Tensor:
-    """The first consecutive windows of a local text file or folder, tokenized once."""
-    return evaluation_windows(tokenize_text(read_local_text(Path(path)), tokenizer), seqlen=seqlen, windows=windows)
+    """The first consecutive windows of a local text file or folder, or of a built-in text (e.g. python-stdlib), tokenized once."""
+    text = builtin_text(path)
+    text = read_local_text(Path(path)) if text is None else text
+    return evaluation_windows(tokenize_text(text, tokenizer), seqlen=seqlen, windows=windows)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ class ArtifactResult:
     name: str  # "reference", "onnx (fp32)", "gguf q8_0", "dense source"
     path: str
     size_mb: float | None = None
-    perplexity: float | None = None
+    perplexity: float | None = None  # on the first evaluation text
+    perplexities: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluation text name -> perplexity
     max_abs_diff: float | None = None  # against the reference, over the compared windows
     mean_abs_diff: float | None = None
     kl_divergence: float | None = None  # mean KL(reference || artifact) per token, nats
@@ -107,30 +108,47 @@ def evaluation_ids(checkpoint: Path, text: Path, *, seqlen: int = 512, windows: 
     return text_windows(Path(text), load_tokenizer(checkpoint), seqlen=min(seqlen, cfg.max_position_embeddings), windows=windows)
 
 
-def describe_windows(ids: torch.Tensor, text: Path | None) -> str:
+def describe_windows(ids: torch.Tensor, text: Path | Sequence[Path] | None) -> str:
     n, T = ids.shape
-    if text is None:
+    texts = evaluation_texts(text)
+    if not texts:
         return f"{n} windows of {T} random tokens (no evaluation text)"
-    return f"the first {n} window{'s' if n > 1 else ''} of {T} tokens of {text}"
+    return f"the first {n} window{'s' if n > 1 else ''} of {T} tokens of {texts[0]}"
+
+
+def text_name(text: Path) -> str:
+    """How an evaluation text is named in tables: its file name, or the built-in text's name."""
+    return Path(text).name or str(text)
+
+
+def evaluation_texts(text: Path | Sequence[Path] | None) -> list[Path]:
+    return [] if text is None else [Path(text)] if isinstance(text, (str, Path)) else [Path(t) for t in text]
 
 
 @torch.no_grad()
 def validate_directory(
-    directory: Path, *, text: Path | None, seqlen: int = 512, windows: int | None = 64, batch_size: int = 8, dense: bool = True,
-    device: str | torch.device = "cpu", ids: torch.Tensor | None = None,
+    directory: Path, *, text: Path | Sequence[Path] | None, seqlen: int = 512, windows: int | None = 64, batch_size: int = 8,
+    dense: bool = True, device: str | torch.device = "cpu", ids: torch.Tensor | None = None,
 ) -> list[ArtifactResult]:  # fmt: skip
-    """Perplexity and agreement with the reference of every artifact; the dense source's perplexity when at hand.
+    """Perplexity on each text and agreement with the reference of every artifact; the dense source's perplexity when at hand.
 
-    Every artifact is measured on the same windows: `ids` when given (see evaluation_ids), else
-    the text tokenized here once.  The reference and the dense source run on `device`.
+    Every artifact is measured on the same windows of each text, tokenized here once (`ids`: the
+    first text's windows when already tokenized, see evaluation_ids).  Logits are compared on the
+    first windows of the first text (random tokens without one).  The reference and the dense
+    source run on `device`.
     """
     artifacts = find_artifacts(directory)
     cfg, _ = read_config(artifacts.checkpoint)
     seqlen = min(seqlen, cfg.max_position_embeddings)  # exported graphs hold rotary tables for this many positions
     dev = resolve_device(device)
     reference = load_sliced(artifacts.checkpoint, device=dev)
-    if ids is None and text is not None:
-        ids = evaluation_ids(artifacts.checkpoint, Path(text), seqlen=seqlen, windows=windows)
+    texts = evaluation_texts(text)
+    windows_of = {
+        text_name(t): ids if i == 0 and ids is not None else evaluation_ids(artifacts.checkpoint, t, seqlen=seqlen, windows=windows)
+        for i, t in enumerate(texts)
+    }  # fmt: skip
+    if windows_of:
+        ids = next(iter(windows_of.values()))
     elif ids is None:  # no evaluation text: agreement on random tokens only
         ids = torch.randint(0, cfg.vocab_size, (COMPARE_WINDOWS, seqlen), generator=torch.Generator().manual_seed(0))
     compare = ids[:COMPARE_WINDOWS]
@@ -143,8 +161,10 @@ def validate_directory(
 
     def evaluate(name: str, path: Path, fn: LogitsFn, with_agreement: bool) -> ArtifactResult:
         result = ArtifactResult(name, str(path), size_mb(path) if path.exists() else None)
-        if text is not None:
-            result.perplexity = perplexity(fn, ids, batch_size=batch_size, progress=True, label=name)
+        for label, text_ids in windows_of.items():
+            result.perplexities[label] = perplexity(fn, text_ids, batch_size=batch_size, progress=True, label=f"{name} on {label}")
+        if windows_of:
+            result.perplexity = next(iter(result.perplexities.values()))
         if with_agreement:
             for k, v in agreement(ref_logits, fn(compare)).items():
                 setattr(result, k, v)
@@ -160,7 +180,7 @@ def validate_directory(
     for name, path, factory in artifact_runners(artifacts, n_ctx=max(seqlen, ids.shape[1])):
         results.append(evaluate(name, path, factory(), True))
     source = cfg.source_model
-    if dense and text is not None and source and Path(source).exists():
+    if dense and texts and source and Path(source).exists():
         from slicegpt_export.sources.models import dense_model, load_source
 
         results.insert(0, evaluate("dense source", Path(source), on_device(dense_model(load_source(source)).to(dev)), False))
@@ -249,10 +269,15 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[ArtifactResult]) -> str:
-    lines = ["| artifact | perplexity | max abs diff | mean abs diff | KL | top-1 | size (MiB) |", "|---|---|---|---|---|---|---|"]
+    """One row per artifact; one perplexity column per evaluation text when there are several."""
+    names = list(dict.fromkeys(n for r in results for n in r.perplexities))
+    ppl_heads = [f"perplexity ({n})" for n in names] if len(names) > 1 else ["perplexity"]
+    heads = ["artifact", *ppl_heads, "max abs diff", "mean abs diff", "KL", "top-1", "size (MiB)"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in results:
+        ppls = [r.perplexities.get(n) for n in names] if len(names) > 1 else [r.perplexity]
         lines.append(
-            f"| {r.name} | {fmt(r.perplexity, '.3f')} | {fmt(r.max_abs_diff, '.3g')} | {fmt(r.mean_abs_diff, '.3g')} "
+            f"| {r.name} | {' | '.join(fmt(p, '.3f') for p in ppls)} | {fmt(r.max_abs_diff, '.3g')} | {fmt(r.mean_abs_diff, '.3g')} "
             f"| {fmt(r.kl_divergence, '.3g')} | {fmt(r.top1_agreement, '.1%')} | {fmt(r.size_mb, '.1f')} |"
         )
     return "\n".join(lines)
@@ -270,6 +295,29 @@ def size_lines(cfg: Any) -> list[str]:
         f"| stored parameters (every tensor, tied ones once) | {size['dense_parameters']:,} | {size['parameters']:,} | {size['parameter_fraction']:.3f} |",
         f"| weight multiply-accumulates per token | {size['dense_macs_per_token']:,} | {size['macs_per_token']:,} | {size['mac_fraction']:.3f} |",
     ]
+
+
+def quality_markdown(quality: dict[str, Any]) -> list[str]:
+    """The report's section on quality beyond the calibration domain: fidelity and greedy answers side by side."""
+    body = ["## Beyond the calibration text", ""]
+    fid = quality.get("fidelity")
+    if fid:
+        body += [
+            f"Fidelity on the dense model's answers to {fid['prompts']} held-out chat prompts ({fid['tokens']:,} answer tokens, "
+            f"never used for calibration or recovery): KL(dense || sliced) {fid['kl_divergence']:.4f} nats per token, "
+            f"top-1 agreement {fid['top1_agreement']:.1%}.",
+            "",
+        ]
+    answers = quality.get("answers") or []
+    if answers:
+        body += ["Greedy answers:", "", "| prompt | dense | sliced |", "|---|---|---|"]
+        body += [f"| {cell(a['prompt'])} | {cell(a['dense'])} | {cell(a['sliced'])} |" for a in answers] + [""]
+    return body
+
+
+def cell(text: str) -> str:
+    """Text for a markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
 
 
 def write_report(directory: Path, results: list[ArtifactResult], *, checkpoint: Path, extra: dict[str, Any] | None = None,
@@ -294,6 +342,8 @@ def write_report(directory: Path, results: list[ArtifactResult], *, checkpoint: 
         agreement_note(results),
         "",
     ]
+    if (extra or {}).get("quality"):
+        body += quality_markdown(extra["quality"])
     if (extra or {}).get("zero_shot"):
         body += ["## Zero-shot (lm-eval-harness)", "", "```", json.dumps(extra["zero_shot"], indent=2), "```", ""]
     if sweep:

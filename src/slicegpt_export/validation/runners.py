@@ -36,10 +36,10 @@ def reference_logits_fn(model: torch.nn.Module, device: torch.device):
 
 
 @torch.no_grad()
-def reference_perplexity(
-    path: str | Path, *, text: Path, seqlen: int, windows: int | None, batch_size: int, device: str = "auto"
-) -> float:
-    """Perplexity of a sliced checkpoint, or of a dense source model run by transformers."""
+def reference_perplexities(
+    path: str | Path, *, texts: list[Path], seqlen: int, windows: int | None, batch_size: int, device: str = "auto"
+) -> dict[str, float]:
+    """Perplexity on each text (keyed by the text as given) of a sliced checkpoint, or of a dense source model run by transformers."""
     dev = resolve_device(device)
     if is_sliced_checkpoint(Path(path)):
         model = load_sliced(path, device=dev)
@@ -50,8 +50,11 @@ def reference_perplexity(
         model = dense_model(source).to(dev)
     if tokenizer is None:
         raise SliceGPTError(f"{path} has no tokenizer to read the evaluation text with")
-    ids = text_windows(text, tokenizer, seqlen=seqlen, windows=windows)
-    return perplexity(reference_logits_fn(model, dev), ids, batch_size=batch_size, progress=True)
+    return {
+        str(text): perplexity(reference_logits_fn(model, dev), text_windows(text, tokenizer, seqlen=seqlen, windows=windows),
+                              batch_size=batch_size, progress=True)
+        for text in texts
+    }  # fmt: skip
 
 
 def is_slicegpt_gguf(path: str | Path) -> bool:
