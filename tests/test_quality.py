@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tiny import BYTE_CHAT_TEMPLATE, SEQLEN, byte_ids, byte_tokenizer, save_tiny_model
 from typer.testing import CliRunner
 
-from slicegpt_export.checkpoint import load_sliced, read_config, read_tensors
+from slicegpt_export.checkpoint import SPECTRA_NAME, load_sliced, read_config, read_tensors
 from slicegpt_export.cli import app
 from slicegpt_export.converter.convert import fused_model, slice_checkpoint
 from slicegpt_export.converter.mixture import DenseWriter, calibration_windows, parse_spec, window_counts
@@ -173,7 +173,7 @@ def test_recovery_is_deterministic_and_writes_an_ordinary_checkpoint(sliced_chat
     cfg, _ = read_config(tmp_path / "a")
     assert cfg.recovery["steps"] == 6 and cfg.recovery["loss"] == "kl" and cfg.recovery["data"] == "calibration"
     assert cfg.recovery["last_loss"] == pytest.approx(first.last_loss, abs=1e-5)
-    assert (tmp_path / "a" / "tokenizer.json").is_file() and (tmp_path / "a" / "eigenvalues.pt").is_file()
+    assert (tmp_path / "a" / "tokenizer.json").is_file() and (tmp_path / "a" / SPECTRA_NAME).is_file()
     export_validated(format="onnx", checkpoint=tmp_path / "a", out=tmp_path / "onnx")  # raises when ONNX differs from the reference
     export_validated(format="gguf", checkpoint=tmp_path / "a", out=tmp_path / "gguf", gguf_type="f32")
 
