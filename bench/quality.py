@@ -40,10 +40,10 @@ RECIPES: dict[str, str | list[str]] = {
     "self-chat": "self-chat",
     "mixed": [f"{DATA / 'valid.txt'}:0.5", "self-chat:0.5"],
 }
-#: slicing settings: name -> slice_checkpoint options.  HOOK (issue 12): add
-#: "params-0.75": {"target_params": 0.75} here once slicing takes a stored-parameter budget.
+#: slicing settings: name -> slice_checkpoint options (the paper's sparsity; a stored-parameter budget)
 SLICINGS: dict[str, dict[str, Any]] = {
     "sparsity-0.25": {"sparsity": 0.25},
+    "params-0.75": {"target_params": 0.75},
 }
 EVAL_WINDOWS = 64
 logger = logging.getLogger("bench.quality")
