@@ -24,21 +24,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, protocol_checkpoint, sliced_checkpoint, test_windows
+from common import protocol_checkpoint, sliced_checkpoint, test_windows
 from gguf_in_llama_cpp import THREADS, decode_speed, stock_dense_q8_0
 from onnx_speed import PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
 
 PAPER = [0.1, 0.2, 0.25, 0.3, 0.5]
 #: budget modes: slice_checkpoint options besides target_params
 BUDGET_MODES = {
-    "block-uniform": {"rotation": "block", "allocation": "uniform"},
-    "block-spectrum": {"rotation": "block", "allocation": "spectrum"},
-    "block-sensitivity": {"rotation": "block", "allocation": "sensitivity"},
-    "stage-uniform": {"rotation": "stage", "allocation": "uniform"},
-    "global-uniform": {"rotation": "global", "allocation": "uniform"},
+    "block-uniform": {"rotation": "block", "allocation": "uniform", "ffn_keep": 1.0},
+    "block-spectrum": {"rotation": "block", "allocation": "spectrum", "ffn_keep": 1.0},
+    "block-sensitivity": {"rotation": "block", "allocation": "sensitivity", "ffn_keep": 1.0},
+    "stage-uniform": {"rotation": "stage", "allocation": "uniform", "ffn_keep": 1.0},
+    "global-uniform": {"rotation": "global", "allocation": "uniform", "ffn_keep": 1.0},
     "block-uniform-ffn90": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.9},
     "block-uniform-ffn80": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.8},
     "block-uniform-ffn70": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.7},
+    "block-uniform-ffn60": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.6},
+    "block-sensitivity-ffn80": {"rotation": "block", "allocation": "sensitivity", "ffn_keep": 0.8},
 }
 TARGETS = [0.9, 0.8, 0.75, 0.6]
 DEFAULT_ROWS = [f"paper:{s:g}" for s in PAPER] + [f"{m}:{r:g}" for m in BUDGET_MODES for r in TARGETS]

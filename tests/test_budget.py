@@ -39,7 +39,7 @@ def test_plan_cost_counts_what_the_checkpoint_stores(family, rotation, allocatio
     hf = tiny_hf_model(family)
     model, cfg, _ = fused_model(source_of(hf))
     dense = cfg.size["dense_parameters"]
-    slice_fused(model, cfg, calibration(), target_params=0.8, rotation=rotation, allocation=allocation)
+    slice_fused(model, cfg, calibration(), target_params=0.8, rotation=rotation, allocation=allocation, ffn_keep=1.0)
     tensors = model.named_weights()
     widths = plan_of(cfg)
     assert layer_widths(cfg, widths, rotation) == cfg.layers

@@ -135,7 +135,7 @@ def main(
     target_params: Annotated[float | None, typer.Option(help=TARGET_HELP)] = None,
     rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
-    ffn_keep: Annotated[float, typer.Option(help=FFN_KEEP_HELP)] = 1.0,
+    ffn_keep: Annotated[float | None, typer.Option(help=FFN_KEEP_HELP)] = None,
     embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
     out: Annotated[Path, typer.Option(help="Output folder of the one-shot job (new, empty, or an earlier run's: finished stages with the same inputs are reused).")] = Path("slicegpt-out"),
     calib: Annotated[list[str] | None, typer.Option(help=CALIB_HELP)] = None,
@@ -195,7 +195,8 @@ ALLOCATION_HELP = ("How a --target-params budget is spread over layers: uniform 
                    "or spectrum (from the PCA spectra).")  # fmt: skip
 ROTATION_HELP = ("stage: a basis per attention/MLP output, two shortcuts per block (the paper); block: one shortcut per block; "
                  "global: one basis, no shortcut. Default: stage for --sparsity, block for --target-params.")  # fmt: skip
-FFN_KEEP_HELP = "Fraction of every MLP's neurons to keep (the down projection refitted by least squares)."
+FFN_KEEP_HELP = ("Fraction of every MLP's neurons to keep, the down projection refitted by least squares "
+                 "(default: all with --sparsity, 0.8 with --target-params).")  # fmt: skip
 EMBED_KEEP_HELP = "Fraction of a tied embedding matrix's columns to keep (tied models only)."
 DEFAULT_SPARSITY = 0.25
 
@@ -207,7 +208,7 @@ def paper_sparsity(sparsity: float | None, target_params: float | None) -> float
     return 0.0 if target_params is not None else DEFAULT_SPARSITY
 
 
-def budget_options(target_params: float | None, rotation: str | None, allocation: str, ffn_keep: float, embed_keep: float) -> dict[str, Any]:
+def budget_options(target_params: float | None, rotation: str | None, allocation: str, ffn_keep: float | None, embed_keep: float) -> dict[str, Any]:
     return {"target_params": target_params, "rotation": rotation, "allocation": allocation, "ffn_keep": ffn_keep, "embed_keep": embed_keep}
 
 
@@ -282,7 +283,7 @@ def slice_command(
     target_params: Annotated[float | None, typer.Option(help=TARGET_HELP)] = None,
     rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
-    ffn_keep: Annotated[float, typer.Option(help=FFN_KEEP_HELP)] = 1.0,
+    ffn_keep: Annotated[float | None, typer.Option(help=FFN_KEEP_HELP)] = None,
     embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this (32 for q8_0/q4_0 GGUF).")] = 8,

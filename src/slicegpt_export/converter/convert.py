@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: rotation scheme of budget slicing (measured in bench/pareto.py: one shortcut per block is smaller at equal quality)
 DEFAULT_BUDGET_ROTATION = "block"
+#: fraction of MLP neurons a budget keeps unless told: spending the budget on residual width rather than on
+#: the MLPs' inner width measured better on SmolLM2 at --target-params 0.75 (bench/pareto.py, README results)
+DEFAULT_BUDGET_FFN_KEEP = 0.8
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -178,7 +181,7 @@ def slice_fused(
     target_params: float | None = None,
     rotation: str | None = None,
     allocation: str = "uniform",
-    ffn_keep: float = 1.0,
+    ffn_keep: float | None = None,
     embed_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
@@ -192,7 +195,8 @@ def slice_fused(
     Widths: the paper's ``sparsity`` (every signal int((1 - s) D) rounded down), or a stored-
     parameter budget ``target_params`` x dense with an allocation.  ``rotation`` (see
     slicing.py) defaults to the paper's per-stage bases for ``sparsity`` and to one basis per
-    block for budgets.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py);
+    block for budgets.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py;
+    default: all for ``sparsity``, DEFAULT_BUDGET_FFN_KEEP for budgets);
     ``embed_keep`` < 1 slices a tied embedding matrix to that fraction of its D columns (slicing.py).
     Records widths and choices in `cfg`; returns the eigenvalues of every PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
     shortcuts, the plain dense model in the sliced-checkpoint format.
@@ -200,6 +204,8 @@ def slice_fused(
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
     device = device if device is not None else torch.device("cpu")
+    if ffn_keep is None:
+        ffn_keep = 1.0 if target_params is None else DEFAULT_BUDGET_FFN_KEEP
     for name, keep in (("--ffn-keep", ffn_keep), ("--embed-keep", embed_keep)):
         if not 0.0 < keep <= 1.0:
             raise SliceGPTError(f"{name} must be in (0, 1], got {keep}")
@@ -249,7 +255,7 @@ def slice_checkpoint(
     target_params: float | None = None,
     rotation: str | None = None,
     allocation: str = "uniform",
-    ffn_keep: float = 1.0,
+    ffn_keep: float | None = None,
     embed_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,

@@ -191,7 +191,10 @@ BLOCK_TYPES = (Q.Q8_0, Q.Q4_0)
 #: block-quantized file types keep these tensors at a higher precision (see the spec): the shortcuts add their
 #: rounding error to the whole residual stream at every block (SmolLM2 at 0.25, --round-to 32: q4_0 shortcuts take
 #: perplexity from 50.8 to 1698, q8_0 shortcuts to 53.0), and a 4-bit head is the usual weak spot of q4 files.
-PROTECTED = {Q.Q8_0: {"shortcut": Q.F16}, Q.Q4_0: {"shortcut": Q.F16, "output.weight": Q.Q8_0}}
+#: residual-path matrices (shortcuts, and a tied model's embedding and head projections) act on the whole
+#: residual with its outlier coordinates, so their rounding error costs more than a block weight's
+RESIDUAL_PATH = {"shortcut": Q.F16, "token_embd_proj": Q.F16, "output_proj": Q.F16}
+PROTECTED = {Q.Q8_0: RESIDUAL_PATH, Q.Q4_0: {**RESIDUAL_PATH, "output.weight": Q.Q8_0}}
 
 
 def stored_type(name: str, qtype: Q, shortcut_qtype: Q | None = None) -> Q:

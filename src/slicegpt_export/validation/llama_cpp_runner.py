@@ -79,12 +79,15 @@ class LlamaCppModel:
         return torch.stack([torch.from_numpy(self.sequence_logits(row.tolist())) for row in input_ids])
 
     def greedy(self, prompt: list[int], max_new_tokens: int, *, stop_at_end: bool = False) -> list[int]:
-        """Argmax continuation through llama.cpp's own sampler and KV cache (generate resets the context).
+        """Argmax continuation through llama.cpp's own sampler and KV cache, the prompt evaluated afresh.
 
         With `stop_at_end` it ends before an end-of-generation token (end of text, end of turn), as
-        llama-server and llama-cli do.
+        llama-server and llama-cli do.  The explicit reset matters: `generate` alone keeps the longest
+        prefix shared with the previous call and evaluates only the rest, one token where the prompt
+        repeats, whose logits can differ in the last bits from a batched prompt's and flip a near-tie.
         """
         out: list[int] = []
+        self.llm.reset()
         for token in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
             if stop_at_end and self.is_eog(self.vocab, int(token)):
                 break

@@ -162,7 +162,8 @@ def validate_directory(
     def evaluate(name: str, path: Path, fn: LogitsFn, with_agreement: bool) -> ArtifactResult:
         result = ArtifactResult(name, str(path), size_mb(path) if path.exists() else None)
         for label, text_ids in windows_of.items():
-            result.perplexities[label] = perplexity(fn, text_ids, batch_size=batch_size, progress=True, label=f"{name} on {label}")
+            bar = name if len(windows_of) == 1 else f"{name} on {label}"
+            result.perplexities[label] = perplexity(fn, text_ids, batch_size=batch_size, progress=True, label=bar)
         if windows_of:
             result.perplexity = next(iter(result.perplexities.values()))
         if with_agreement:
