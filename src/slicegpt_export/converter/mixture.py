@@ -112,14 +112,15 @@ class DenseWriter:
         bos = getattr(self.tokenizer, "bos_token_id", None)
         start = [bos if bos is not None else 0]
         texts: list[list[int]] = []
-        bar = tqdm(total=samples, desc="self: sampling", unit="text", disable=not self.progress)
+        bar = tqdm(total=samples * (seqlen - 1), desc="self: sampling", unit="token", disable=not self.progress)
         with self.on_device() as model:
             for k, first in enumerate(range(0, samples, GENERATION_BATCH)):
                 count = min(GENERATION_BATCH, samples - first)
                 settings = GenerationSettings(max_new_tokens=seqlen - 1, temperature=SELF_TEMPERATURE, seed=seed * 100003 + k,
                                               batch_size=GENERATION_BATCH)  # fmt: skip
-                texts += generate_cached(model, [start] * count, settings, cache_dir=self.cache_dir, progress=False)
-                bar.update(count)
+                done = bar.n
+                texts += generate_cached(model, [start] * count, settings, cache_dir=self.cache_dir, progress=False, on_step=bar.update)
+                bar.update(done + count * (seqlen - 1) - bar.n)  # a cached batch moves the bar at once
         bar.close()
         return torch.tensor([start + t for t in texts], dtype=torch.long)
 

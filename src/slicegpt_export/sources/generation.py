@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,9 +95,13 @@ def cut_at_stop(tokens: list[int], stop_token_id: int | None) -> list[int]:
 
 
 def generate_uncached(
-    model: torch.nn.Module, prompts: list[list[int]], settings: GenerationSettings, *, desc: str, progress: bool
-) -> list[list[int]]:
-    """The new tokens the model writes after every prompt, in batches of prompts of similar length."""
+    model: torch.nn.Module, prompts: list[list[int]], settings: GenerationSettings, *, desc: str, progress: bool,
+    on_step: Callable[[int], None] | None = None,
+) -> list[list[int]]:  # fmt: skip
+    """The new tokens the model writes after every prompt, in batches of prompts of similar length.
+
+    `on_step(n)` is called after every decoding step of a batch of n prompts (a token-level progress bar).
+    """
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))  # less padding per batch
@@ -106,7 +111,8 @@ def generate_uncached(
         rows = order[start : start + settings.batch_size]
         ids, mask = left_padded([prompts[i] for i in rows], settings.pad_token_id)
         out = generate(model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=settings.max_new_tokens,
-                       temperature=settings.temperature, generator=generator, stop_token_id=settings.stop_token_id)  # fmt: skip
+                       temperature=settings.temperature, generator=generator, stop_token_id=settings.stop_token_id,
+                       on_step=None if on_step is None else lambda n=len(rows): on_step(n))  # fmt: skip
         for row, i in enumerate(rows):
             answers[i] = cut_at_stop(out[row, ids.shape[1] :].tolist(), settings.stop_token_id)
         bar.update(len(rows))
@@ -123,6 +129,7 @@ def generate_cached(
     cache_dir: Path | None = None,
     desc: str = "generating",
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """What `model` writes after each prompt (new tokens only), read from the cache when it was generated before.
 
@@ -139,7 +146,7 @@ def generate_cached(
             return [t.tolist() for t in stored["tokens"].split(stored["lengths"].tolist())]
         except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
             logger.warning("ignoring the unreadable generation cache %s (%s)", path, exc)
-    answers = generate_uncached(model, prompts, settings, desc=desc, progress=progress)
+    answers = generate_uncached(model, prompts, settings, desc=desc, progress=progress, on_step=on_step)
     flat = torch.tensor([t for a in answers for t in a], dtype=torch.int64)
     with atomic_file(path) as tmp:
         save_file({"tokens": flat, "lengths": torch.tensor([len(a) for a in answers], dtype=torch.int64)}, str(tmp))
