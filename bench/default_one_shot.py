@@ -44,7 +44,9 @@ def run(command: list[str], cwd: Path) -> dict:
     start = last = time.perf_counter()
     longest, longest_after = 0.0, ""
     chunks: list[bytes] = []
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # a fresh generation cache: a new user has none, so the sampled calibration text is timed in full
+    env = {**os.environ, "SLICEGPT_CACHE": str(cwd / "cache")}
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     assert proc.stdout is not None
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)

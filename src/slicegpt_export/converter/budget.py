@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -149,15 +150,27 @@ def spectrum_plan(
     intermediates: list[int] | None = None,
 ) -> list[int]:
     """Per-signal widths within `budget`, narrowing greedily where the least variance is lost per parameter saved."""
-    D = cfg.hidden_size
     n = signal_count(cfg, rotation)
     if rotation == "global":
         raise SliceGPTError("one basis for every signal has one width: use --allocation uniform with --rotation global")
     if len(spectra) != n:
         raise ValueError(f"{len(spectra)} spectra for {n} signals")
     loss = [discarded_fraction(s) for s in spectra]
-    widths = [D] * n
-    movable = list(range(n)) if slice_head else list(range(n - 1))
+    movable = range(n) if slice_head else range(n - 1)
+    return greedy_plan(cfg, rotation, budget, movable=movable, round_to=round_to, intermediates=intermediates,
+                       rise=lambda k, old, new: (loss[k][new] - loss[k][old]).item())  # fmt: skip
+
+
+def greedy_plan(
+    cfg: SlicedConfig, rotation: str, budget: int, *, movable: range, round_to: int, intermediates: list[int] | None,
+    rise: Callable[[int, int, int], float],
+) -> list[int]:  # fmt: skip
+    """From full width, narrow one signal by one `round_to` step at a time until the plan fits `budget`.
+
+    Each step narrows the movable signal k whose loss rise `rise(k, old, new)` per stored parameter
+    saved is least (a negative rise counts as none).
+    """
+    widths = [cfg.hidden_size] * signal_count(cfg, rotation)
     cost = plan_cost(cfg, widths, rotation, intermediates).parameters
     while cost > budget:
         best, best_score, best_cost = None, float("inf"), cost
@@ -167,8 +180,7 @@ def spectrum_plan(
                 continue
             trial = widths[:k] + [d] + widths[k + 1 :]
             trial_cost = plan_cost(cfg, trial, rotation, intermediates).parameters
-            saved = cost - trial_cost
-            score = (loss[k][d] - loss[k][widths[k]]).item() / max(saved, 1)
+            score = max(rise(k, widths[k], d), 0.0) / max(cost - trial_cost, 1)
             if score < best_score:
                 best, best_score, best_cost = (k, d), score, trial_cost
         if best is None:

@@ -26,10 +26,10 @@ from slicegpt_export.checkpoint import (
 )  # fmt: skip
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
-from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
 from slicegpt_export.converter.calibration import calibration_size
 from slicegpt_export.converter.fusion import fuse_norms
 from slicegpt_export.converter.mixture import DenseWriter, calibration_windows
+from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
     CalibrationBatch,

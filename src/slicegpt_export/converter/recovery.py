@@ -38,7 +38,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt_export.atomic import atomic_directory
-from slicegpt_export.checkpoint import CONFIG_NAME, SECTION, build_checked, read_config, read_tensors, save_checkpoint, weight_files
+from slicegpt_export.checkpoint import (
+    CONFIG_NAME,
+    SECTION,
+    build_checked,
+    read_config,
+    read_tensors,
+    save_checkpoint,
+    weight_files,
+)
 from slicegpt_export.converter.convert import SliceSummary, fused_model, slice_checkpoint
 from slicegpt_export.converter.mixture import DenseWriter, calibration_windows
 from slicegpt_export.device import resolve_device

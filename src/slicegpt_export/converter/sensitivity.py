@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slicegpt_export.checkpoint import SlicedConfig
-from slicegpt_export.converter.budget import plan_cost, signal_count
+from slicegpt_export.converter.budget import greedy_plan, signal_count
 from slicegpt_export.converter.pca import principal_components
 from slicegpt_export.converter.slicing import CalibrationBatch, covariance, embed_on_device, rotated_stages
 from slicegpt_export.errors import SliceGPTError
@@ -116,25 +116,9 @@ def sensitivity_plan(
     intermediates: list[int] | None = None,
 ) -> list[int]:  # fmt: skip
     """Per-signal widths within `budget`: narrow where the measured loss rises least per stored parameter saved."""
-    D, n = cfg.hidden_size, signal_count(cfg, rotation)
+    n = signal_count(cfg, rotation)
     if len(curves) not in (n, n - 1):
         raise ValueError(f"{len(curves)} sensitivity curves for {n} signals")
-    widths = [D] * n
     movable = range(n) if slice_head and len(curves) == n else range(n - 1)
-    cost = plan_cost(cfg, widths, rotation, intermediates).parameters
-    while cost > budget:
-        best, best_score, best_cost = None, float("inf"), cost
-        for k in movable:
-            d = widths[k] - (widths[k] % round_to or round_to)
-            if d < round_to:
-                continue
-            trial = widths[:k] + [d] + widths[k + 1 :]
-            trial_cost = plan_cost(cfg, trial, rotation, intermediates).parameters
-            rise = interpolated(curves[k], d) - interpolated(curves[k], widths[k])
-            score = max(rise, 0.0) / max(cost - trial_cost, 1)
-            if score < best_score:
-                best, best_score, best_cost = (k, d), score, trial_cost
-        if best is None:
-            raise SliceGPTError(f"no plan fits {budget:,} stored parameters")
-        widths[best[0]], cost = best[1], best_cost
-    return widths
+    return greedy_plan(cfg, rotation, budget, movable=movable, round_to=round_to, intermediates=intermediates,
+                       rise=lambda k, old, new: interpolated(curves[k], new) - interpolated(curves[k], old))  # fmt: skip
