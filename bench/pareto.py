@@ -40,6 +40,7 @@ BUDGET_MODES = {
     "block-uniform-ffn80": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.8},
     "block-uniform-ffn70": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.7},
     "block-uniform-ffn60": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.6},
+    "block-uniform-ffn50": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.5},
     "block-sensitivity-ffn80": {"rotation": "block", "allocation": "sensitivity", "ffn_keep": 0.8},
 }
 TARGETS = [0.9, 0.8, 0.75, 0.6]
@@ -129,7 +130,7 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
         lines.append(
             f"| {r['row']} | {w['min']}/{w['mean']:.0f}/{w['max']} ({w['head_in']}) | {r['parameters'] / 1e6:.1f}M "
             f"| {r['parameter_fraction']:.3f} | {r['mac_fraction']:.3f} = {r['bound']:.2f}x | {r['perplexity']:.2f} "
-            f"| {r.get('llama_cpp_perplexity', float('nan')):.2f} | {' | '.join(speed)} |"
+            f"| {format(r['llama_cpp_perplexity'], '.2f') if 'llama_cpp_perplexity' in r else '-'} | {' | '.join(speed)} |"
         )
     notes = [
         "",

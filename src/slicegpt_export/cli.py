@@ -196,7 +196,7 @@ ALLOCATION_HELP = ("How a --target-params budget is spread over layers: uniform 
 ROTATION_HELP = ("stage: a basis per attention/MLP output, two shortcuts per block (the paper); block: one shortcut per block; "
                  "global: one basis, no shortcut. Default: stage for --sparsity, block for --target-params.")  # fmt: skip
 FFN_KEEP_HELP = ("Fraction of every MLP's neurons to keep, the down projection refitted by least squares "
-                 "(default: all with --sparsity, 0.8 with --target-params).")  # fmt: skip
+                 "(default: all with --sparsity, 0.6 with --target-params).")  # fmt: skip
 EMBED_KEEP_HELP = "Fraction of a tied embedding matrix's columns to keep (tied models only)."
 DEFAULT_SPARSITY = 0.25
 

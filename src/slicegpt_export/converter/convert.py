@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET_ROTATION = "block"
 #: fraction of MLP neurons a budget keeps unless told: spending the budget on residual width rather than on
 #: the MLPs' inner width measured better on SmolLM2 at --target-params 0.75 (bench/pareto.py, README results)
-DEFAULT_BUDGET_FFN_KEEP = 0.8
+DEFAULT_BUDGET_FFN_KEEP = 0.6
 
 
 def check_sparsity(sparsity: float) -> None:
