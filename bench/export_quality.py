@@ -43,7 +43,7 @@ def main() -> None:
     report_tag = tag + ("-gguf" if args.skip_onnx else "")
     windows = test_windows(load_tokenizer(sliced))
     model = load_sliced(sliced)
-    rows = [{"artifact": "PyTorch reference", "perplexity": perplexity(lambda ids: model(ids).logits, windows)}]
+    rows = [{"artifact": "PyTorch reference", "perplexity": perplexity(lambda ids, m=model: m(ids).logits, windows)}]
     del model
     for quantize in () if args.skip_onnx else (None, "int8", "int4"):
         kind = quantize or "fp32"
