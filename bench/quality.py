@@ -34,7 +34,7 @@ from common import DATA, REPO, WORK  # noqa: E402
 
 QUALITY_WORK = WORK / "quality"
 CACHE = WORK / "cache"
-CALIB = dict(calib_samples=64, calib_seqlen=512, seed=42)  # the DEVELOPERS.md protocol's calibration size
+CALIB = dict(calib_samples=64, calib_seqlen=512, seed=42)  # the README's measurement protocol: its calibration size
 RECIPES: dict[str, str | list[str]] = {
     "wiki": str(DATA / "valid.txt"),
     "self-chat": "self-chat",

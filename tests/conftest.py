@@ -55,7 +55,7 @@ def llama_cpp_tools() -> Path:
         skip_or_require_llama_cpp(exc)
 
 
-# The real model on the DEVELOPERS.md protocol (SmolLM2-135M-Instruct, the embedded GGUF): sliced once per run,
+# The real model on the README's measurement protocol (SmolLM2-135M-Instruct, the embedded GGUF): sliced once per run,
 # shared by the slow modules that need it.
 
 
