@@ -74,8 +74,11 @@ def test_metadata_round_trips(checkpoint, tmp_path):
     assert set(spec.REQUIRED_KEYS) <= set(fields)
     assert fields["tokenizer.ggml.eos_token_id"].contents() == base["eos_token_id"]
     names = {t.name for t in model.reader.tensors}
-    assert names - {spec.ROPE_FREQS} == {spec.gguf_name(n) for n in read_tensors(checkpoint)}  # every tensor, nothing else
-    assert all(not n.endswith("norm.weight") for n in names)  # every norm is weightless
+    rope = {spec.ROPE_FREQS, spec.ROPE_FACTORS_LONG, spec.ROPE_FACTORS_SHORT}
+    assert names - rope == {spec.gguf_name(n) for n in read_tensors(checkpoint)}  # every tensor, nothing else
+    # every residual-stream norm is weightless; only Qwen3's per-head q/k norms keep a weight
+    assert all(n.endswith(("attn_q_norm.weight", "attn_k_norm.weight")) for n in names if n.endswith("norm.weight"))
+    assert any(n.endswith("attn_q_norm.weight") for n in names) == cfg.qk_norm
 
 
 def test_block_quantized_files_pad_widths_and_quantize_every_matrix(tmp_path):

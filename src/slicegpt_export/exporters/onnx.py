@@ -33,7 +33,7 @@ from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.padding import pad_residual_widths
-from slicegpt_export.modeling import rope_inverse_frequencies
+from slicegpt_export.modeling import longrope_original_context, rope_attention_factor, rope_inverse_frequencies
 from slicegpt_export.onnx_spec import (
     ATTENTION_MASK,
     EXTERNAL_DATA_FILE,
@@ -144,9 +144,19 @@ class DecoderGraph:
         sizes = self.g.const_i64(f"{packed}.split", [t.shape[0] for t in weights])
         return self.g.op("Split", [y, sizes], name=f"{packed}/Split", outputs=len(names), axis=-1)
 
+    def head_norm(self, x: str, heads: int, name: str) -> str:
+        """Qwen3's per-head RMSNorm (weight `name`.weight over head_dim): (B, T, heads * hd) -> same shape."""
+        hd = self.cfg.head_dim
+        per_head = self.g.op("Reshape", [x, self.g.const_i64(f"{name}.heads", [0, 0, heads, hd])], name=f"{name}/Reshape")
+        scale = self.g.weight(f"{name}.weight", self.tensors[f"{name}.weight"])
+        normed = self.g.op("RMSNormalization", [per_head, scale], name=name, axis=-1, epsilon=self.cfg.norm_eps)
+        return self.g.op("Reshape", [normed, self.g.const_i64(f"{name}.flat", [0, 0, heads * hd])], name=f"{name}/Flatten")
+
     def attention(self, i: int, h: str, mask: str) -> str:
         cfg, p = self.cfg, f"layers.{i}."
         q, k, v = self.packed_linear(h, [p + proj for proj in ("q_proj", "k_proj", "v_proj")], p + "qkv_proj")  # (B, T, heads * hd)
+        if cfg.qk_norm:
+            q, k = self.head_norm(q, cfg.num_heads, p + "q_norm"), self.head_norm(k, cfg.num_kv_heads, p + "k_norm")
         if cfg.rope is not None:
             q, k = self.rope(q, cfg.num_heads, p + "q_rotary"), self.rope(k, cfg.num_kv_heads, p + "k_rotary")
         y = self.g.op(
@@ -211,10 +221,7 @@ class DecoderGraph:
             pos = g.op("Gather", [g.weight("embed_positions.weight", self.tensors["embed_positions.weight"]), rows], name="embed_positions")
             x = g.op("Add", [x, pos], name="/embeddings/add")
         if cfg.rope is not None:
-            inv_freq = rope_inverse_frequencies(cfg.rope)  # (r/2,) float64
-            angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv_freq  # (positions, r/2)
-            g.weight("rope.cos_cache", angles.cos())
-            g.weight("rope.sin_cache", angles.sin())
+            self.rope_caches()
         mask = self.attention_mask_bias()
         for i, w in enumerate(cfg.layers):
             g.annotate(x, ["batch_size", "sequence_length", w.attn_in])
@@ -236,6 +243,36 @@ class DecoderGraph:
         else:
             g.op("Identity", [self.linear(h, "lm_head")], name="logits", outputs=[LOGITS])
         return self.model()
+
+    def rope_caches(self) -> None:
+        """rope.cos_cache and rope.sin_cache (positions, r/2), times LongRoPE's attention factor.
+
+        LongRoPE has two sets: an If node picks the long one when the call's largest position
+        reaches the original context (the reference's rule, transformers'), as onnxruntime-genai's
+        builder switches its caches.
+        """
+        cfg, g = self.cfg, self.g
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None]  # (P, 1)
+        scale = rope_attention_factor(cfg.rope)
+        original = longrope_original_context(cfg.rope)
+        sets = {"": False} if original is None else {"_short": False, "_long": True}
+        for suffix, long in sets.items():
+            angles = positions * rope_inverse_frequencies(cfg.rope, long=long)  # (P, r/2)
+            g.weight(f"rope.cos_cache{suffix}", angles.cos() * scale)
+            g.weight(f"rope.sin_cache{suffix}", angles.sin() * scale)
+        if original is None:
+            return
+        largest = g.op("ReduceMax", [POSITION_IDS], name="/rope/largest_position", keepdims=0)  # scalar
+        is_long = g.op("Greater", [largest, g.weight("/rope/last_short", np.array(original - 1, dtype=np.int64), dtype=np.int64)],
+                       name="/rope/is_long")  # fmt: skip
+        half = cfg.rope.dim // 2
+        branch = lambda suffix: helper.make_graph(
+            [helper.make_node("Identity", [f"rope.{kind}_cache{suffix}"], [f"/rope/{kind}{suffix}"]) for kind in ("cos", "sin")],
+            f"rope{suffix}", [],
+            [helper.make_tensor_value_info(f"/rope/{kind}{suffix}", g.elem_type, [cfg.max_position_embeddings, half]) for kind in ("cos", "sin")],
+        )  # fmt: skip
+        g.op("If", [is_long], name="/rope/select", outputs=["rope.cos_cache", "rope.sin_cache"],
+             then_branch=branch("_long"), else_branch=branch("_short"))  # fmt: skip
 
     def tied_head(self, h: str) -> None:
         """logits = (h @ proj) E^T + b, with the one embedding initializer E (vocab, e) read by a Gemm (transB=1)."""

@@ -1,11 +1,12 @@
 // SliceGPT (Ashkboos et al., ICLR 2024): a decoder whose residual stream changes width from
 // block to block and carries a projection ("shortcut") matrix around every residual update.
-// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 2).
+// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 3; version 2 files are read too).
 #include "models.h"
 
 #include <cmath>
 
-static constexpr uint32_t SLICEGPT_SPEC_VERSION = 2;
+static constexpr uint32_t SLICEGPT_SPEC_VERSION = 3;
+static constexpr uint32_t SLICEGPT_OLDEST_SPEC_VERSION = 2;  // 2: no q/k norms, no LongRoPE
 
 // the slicegpt.* keys are read straight from the GGUF metadata, each checked for its type
 static int64_t slicegpt_find_key(const llama_model_loader & ml, const char * name, gguf_type type) {
@@ -52,8 +53,9 @@ static llama_model_slicegpt::activation slicegpt_activation_from_string(const st
 
 void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
     const uint32_t version = slicegpt_get_u32(ml, "spec_version");
-    if (version != SLICEGPT_SPEC_VERSION) {
-        throw std::runtime_error(format("slicegpt: spec version %u is not supported (this build reads version %u)", version, SLICEGPT_SPEC_VERSION));
+    if (version < SLICEGPT_OLDEST_SPEC_VERSION || version > SLICEGPT_SPEC_VERSION) {
+        throw std::runtime_error(format("slicegpt: spec version %u is not supported (this build reads versions %u to %u)",
+                                        version, SLICEGPT_OLDEST_SPEC_VERSION, SLICEGPT_SPEC_VERSION));
     }
     ml.get_key(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS, hparams.f_norm_rms_eps);
 
@@ -91,6 +93,9 @@ void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
     bias_attn  = slicegpt_get_bool(ml, "bias.attn_out");
     bias_mlp   = slicegpt_get_bool(ml, "bias.mlp");
     bias_head  = slicegpt_get_bool(ml, "bias.head");
+    qk_norm    = version >= 3 && slicegpt_get_bool(ml, "attention.qk_norm");
+    // LongRoPE needs no code here: llama.cpp's loader reads rope.scaling.attn_factor and
+    // rope.scaling.original_context_length for every architecture, and the factors are tensors
 
     // the residual stream is narrower than D: llama.cpp's n_embd is the width of token_embd's rows (what
     // the input path reads: the embedding width, or when tied to the head D or the sliced matrix's width),
@@ -159,6 +164,11 @@ void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
         layer.wv_b = create_tensor(tn(LLM_TENSOR_ATTN_V,   "bias",   i), {n_embd_v_gqa}, bias_qkv_flags);
         layer.wo   = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "weight", i), {n_embd_q, a_out}, 0);
         layer.wo_b = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "bias",   i), {a_out}, bias_attn_flags);
+        if (qk_norm) {
+            // act on head_dim after the projections: untouched by slicing, as in llama.cpp's qwen3
+            layer.attn_q_norm = create_tensor(tn(LLM_TENSOR_ATTN_Q_NORM, "weight", i), {n_embd_head_k}, 0);
+            layer.attn_k_norm = create_tensor(tn(LLM_TENSOR_ATTN_K_NORM, "weight", i), {n_embd_head_k}, 0);
+        }
 
         // an absent shortcut is the identity, which only a block that keeps its width can have
         attn_shortcut[i] = create_tensor(tn(LLM_TENSOR_ATTN_SHORTCUT, "weight", i), {a_in, a_out}, a_in == a_out ? TENSOR_NOT_REQUIRED : 0);
@@ -179,6 +189,9 @@ void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
         if (!learned_positions) {
             // Llama 3 rope scaling: per-frequency divisors, as llama.cpp's own Llama files store them
             layer.rope_freqs = create_tensor(tn(LLM_TENSOR_ROPE_FREQS, "weight", i), {n_rot / 2}, TENSOR_NOT_REQUIRED | (i != 0 ? TENSOR_DUPLICATED : 0));
+            // LongRoPE (Phi-3.5, Phi-4-mini): llama.cpp picks long or short by the context size, as for its phi3
+            layer.rope_long  = create_tensor(tn(LLM_TENSOR_ROPE_FACTORS_LONG,  "weight", i), {n_rot / 2}, TENSOR_NOT_REQUIRED | (i != 0 ? TENSOR_DUPLICATED : 0));
+            layer.rope_short = create_tensor(tn(LLM_TENSOR_ROPE_FACTORS_SHORT, "weight", i), {n_rot / 2}, TENSOR_NOT_REQUIRED | (i != 0 ? TENSOR_DUPLICATED : 0));
         }
     }
 }
@@ -215,10 +228,18 @@ ggml_tensor * llama_model_slicegpt::graph::build_self_attn(ggml_tensor * h, ggml
     const int64_t n_embd_head = hparams.n_embd_head_v();
 
     auto [Qcur, Kcur, Vcur] = build_qkv(layer, h, n_embd_head, n_head, n_head_kv, il);  // [hd, H|K, n_tokens]
+    if (layer.attn_q_norm) {
+        Qcur = build_norm(Qcur, layer.attn_q_norm, nullptr, LLM_NORM_RMS, il);
+        Kcur = build_norm(Kcur, layer.attn_k_norm, nullptr, LLM_NORM_RMS, il);
+        cb(Qcur, "Qcur_normed", il);
+        cb(Kcur, "Kcur_normed", il);
+    }
     if (!model.learned_positions) {
-        Qcur = ggml_rope_ext(ctx0, Qcur, inp_pos, layer.rope_freqs, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+        // rope_freqs (Llama 3), LongRoPE's long or short factors, or none
+        ggml_tensor * rope_factors = model.get_rope_factors(cparams, il);
+        Qcur = ggml_rope_ext(ctx0, Qcur, inp_pos, rope_factors, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
                              ext_factor, attn_factor, beta_fast, beta_slow);
-        Kcur = ggml_rope_ext(ctx0, Kcur, inp_pos, layer.rope_freqs, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+        Kcur = ggml_rope_ext(ctx0, Kcur, inp_pos, rope_factors, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
                              ext_factor, attn_factor, beta_fast, beta_slow);
     }
     cb(Qcur, "Qcur", il);
