@@ -7,7 +7,7 @@ only these constants.
 from __future__ import annotations
 
 ARCH = "slicegpt"
-SPEC_VERSION = 3  # 2: tied embeddings (token_embd read by the head through output_proj); 3: q/k norms, LongRoPE
+SPEC_VERSION = 3  # 2: tied embeddings (token_embd read by the head through output_proj); 3: q/k norms, LongRoPE, Gemma
 READABLE_SPEC_VERSIONS = (2, 3)  # a version 2 file has neither q/k norms nor LongRoPE
 
 
@@ -56,6 +56,14 @@ POSITION_OFFSET = key("position_offset")  # learned positions: row = position + 
 SPARSITY = key("sparsity")  # float32, informative
 TIED_EMBEDDINGS = key("tied_embeddings")  # bool: token_embd is [D, V], read through token_embd_proj and by the head
 QK_NORM = key("attention.qk_norm")  # bool (version 3): blk.N.attn_q_norm / attn_k_norm weight a per-head RMSNorm
+# ---- version 3, Gemma 2/3 (optional keys; llama.cpp's own names where it has them) ------------------------------
+POST_NORMS = key("post_norms")  # bool: branch outputs are D wide, normed over D, then blk.N.*_post_proj
+ATTENTION_SCALE = key("attention.scale")  # float32: softmax scale of q k^T (absent: 1 / sqrt(key_length))
+ATTN_LOGIT_SOFTCAPPING = key("attn_logit_softcapping")  # float32: scores -> cap * tanh(scores / cap)
+FINAL_LOGIT_SOFTCAPPING = key("final_logit_softcapping")  # float32: logits -> cap * tanh(logits / cap)
+SLIDING_WINDOW_PATTERN = key("attention.sliding_window_pattern")  # array[bool] of block_count: which blocks use the window
+BOS_WINDOWS = key("bos_windows")  # bool, optional: trained to always see BOS; evaluation windows start with it (Gemma)
+ROPE_FREQ_BASE_SWA = key("rope.freq_base_swa")  # float32: rope base of the sliding blocks (unscaled), when it differs
 # ---- widths -----------------------------------------------------------------------------------
 WIDTH_EMBEDDING = key("width.embedding")  # d_emb: the residual width entering block 0
 WIDTH_TOKEN_EMBD = key("width.token_embd")  # columns of token_embd: d_emb untied; D (or fewer, E sliced) when tied
@@ -68,7 +76,7 @@ WIDTH_HEAD_IN = key("width.head_in")
 REQUIRED_KEYS = (
     SPEC_VERSION_KEY, BASE_FAMILY, BLOCK_COUNT, EMBEDDING_LENGTH, CONTEXT_LENGTH, FEED_FORWARD_LENGTH, VOCAB_SIZE,
     HEAD_COUNT, HEAD_COUNT_KV, KEY_LENGTH, VALUE_LENGTH, NORM_EPSILON, BLOCK_KIND, ACTIVATION, GATED_MLP,
-    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, TIED_EMBEDDINGS, QK_NORM, WIDTH_EMBEDDING, WIDTH_TOKEN_EMBD,
+    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, TIED_EMBEDDINGS, QK_NORM, POST_NORMS, WIDTH_EMBEDDING, WIDTH_TOKEN_EMBD,
     WIDTH_ATTN_IN, WIDTH_ATTN_OUT, WIDTH_MLP_IN, WIDTH_MLP_OUT, WIDTH_HEAD_IN,
 )  # fmt: skip
 
@@ -93,6 +101,8 @@ TENSOR_NAMES = {
     "layers.{i}.down_proj.weight": "blk.{i}.ffn_down.weight",
     "layers.{i}.down_proj.bias": "blk.{i}.ffn_down.bias",
     "layers.{i}.mlp_shortcut": "blk.{i}.ffn_shortcut.weight",
+    "layers.{i}.attn_post_proj": "blk.{i}.attn_post_proj.weight",
+    "layers.{i}.mlp_post_proj": "blk.{i}.ffn_post_proj.weight",
     "lm_head.weight": "output.weight",
     "lm_head.bias": "output.bias",
     "embed_proj": "token_embd_proj.weight",
@@ -100,7 +110,7 @@ TENSOR_NAMES = {
 }
 #: matrices the checkpoint applies on the right (x -> x @ S) are stored transposed, as linear weights
 #: (d_out rows of d_in): y = S^T x
-RIGHT_MULTIPLIED = ("attn_shortcut", "mlp_shortcut", "embed_proj", "proj")
+RIGHT_MULTIPLIED = ("attn_shortcut", "mlp_shortcut", "embed_proj", "proj", "attn_post_proj", "mlp_post_proj")
 
 
 def is_right_multiplied(checkpoint_name: str) -> bool:

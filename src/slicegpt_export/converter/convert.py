@@ -45,6 +45,7 @@ from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import SlicedModel
 from slicegpt_export.sources.models import SourceModel, load_source
+from slicegpt_export.sources.text import window_bos
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +303,7 @@ def slice_checkpoint(
             seqlen=min(calib_seqlen, cfg.max_position_embeddings),
             seed=seed,
             writer=DenseWriter(fused, source.tokenizer, device=dev, progress=progress),
+            bos=window_bos(source.tokenizer, cfg.bos_windows),
         )
         logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_record["source"])
         eigenvalues = slice_fused(

@@ -98,6 +98,18 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
     w.add_bool(spec.GATED_MLP, cfg.gated_mlp)
     w.add_bool(spec.TIED_EMBEDDINGS, cfg.tied_embeddings)
     w.add_bool(spec.QK_NORM, cfg.qk_norm)
+    w.add_bool(spec.POST_NORMS, cfg.post_norms)
+    for k, value in [(spec.ATTENTION_SCALE, cfg.attention_scale), (spec.ATTN_LOGIT_SOFTCAPPING, cfg.attn_logit_softcap),
+                     (spec.FINAL_LOGIT_SOFTCAPPING, cfg.final_logit_softcap)]:  # fmt: skip
+        if value is not None:
+            w.add_float32(k, value)
+    if cfg.sliding_window is not None and cfg.sliding_layers is not None:
+        w.add_key_value(spec.SLIDING_WINDOW_PATTERN, [bool(f) for f in cfg.sliding_layers], gguf.GGUFValueType.ARRAY,
+                        sub_type=gguf.GGUFValueType.BOOL)  # fmt: skip
+    if cfg.local_rope is not None:
+        w.add_float32(spec.ROPE_FREQ_BASE_SWA, cfg.local_rope.theta)
+    if cfg.bos_windows:
+        w.add_bool(spec.BOS_WINDOWS, True)
     for k, flag in [(spec.BIAS_QKV, "qkv"), (spec.BIAS_ATTN_OUT, "attn_out"), (spec.BIAS_MLP, "mlp"), (spec.BIAS_HEAD, "head")]:
         w.add_bool(k, cfg.bias[flag])
     for k, field in [(spec.WIDTH_ATTN_IN, "attn_in"), (spec.WIDTH_ATTN_OUT, "attn_out"), (spec.WIDTH_MLP_IN, "mlp_in"), (spec.WIDTH_MLP_OUT, "mlp_out")]:

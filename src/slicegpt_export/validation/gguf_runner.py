@@ -150,10 +150,32 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
         tied_embeddings=tied,
         tied_width=token_width if tied and token_width != meta.get(spec.EMBEDDING_LENGTH, int) else None,
         qk_norm=meta.get(spec.QK_NORM, bool) if version >= 3 else False,
+        post_norms=meta.get(spec.POST_NORMS, bool) if version >= 3 else False,
+        attention_scale=optional_float(meta, spec.ATTENTION_SCALE),
+        attn_logit_softcap=optional_float(meta, spec.ATTN_LOGIT_SOFTCAPPING),
+        final_logit_softcap=optional_float(meta, spec.FINAL_LOGIT_SOFTCAPPING),
+        sliding_layers=sliding_pattern(meta, n),
+        bos_windows=meta.get(spec.BOS_WINDOWS, bool, False),
+        local_rope=RopeSpec(float(meta.get(spec.ROPE_FREQ_BASE_SWA, float)), rope.dim) if rope and spec.ROPE_FREQ_BASE_SWA in meta.fields else None,
         sparsity=float(meta.get(spec.SPARSITY, float, 0.0)),
     )
     check_config(cfg, meta.path)
     return cfg
+
+
+def optional_float(meta: Metadata, key: str) -> float | None:
+    value = meta.get(key, float, None)
+    return None if value is None else float(value)
+
+
+def sliding_pattern(meta: Metadata, n: int) -> list[bool] | None:
+    """Which blocks use the sliding window (Gemma); None when the file names no pattern (then all of them do)."""
+    values = meta.get(spec.SLIDING_WINDOW_PATTERN, list, None)
+    if values is None:
+        return None
+    if len(values) != n:
+        raise GGUFFormatError(f"{meta.path}: {spec.SLIDING_WINDOW_PATTERN} must hold block_count = {n} entries")
+    return [bool(v) for v in values]
 
 
 def feed_forward_lengths(meta: Metadata, n: int) -> list[int | None]:

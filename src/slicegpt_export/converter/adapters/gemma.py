@@ -97,6 +97,7 @@ class Gemma2Adapter(FamilyAdapter):
             final_logit_softcap=self.optional_float("final_logit_softcapping"),
             sliding_layers=[t == SLIDING for t in types] if window and SLIDING in types else None,
             local_rope=local_rope,
+            bos_windows=True,  # several times the perplexity without it
         )
 
     def optional_float(self, key: str) -> float | None:
