@@ -55,6 +55,8 @@ class Oracle:
         return self.cfg.get("head_dim") or self.cfg["hidden_size"] // H
 
     def attention(self, h: torch.Tensor, prefix: str, names: tuple[str, str, str, str], H: int, K: int, rope: bool) -> torch.Tensor:
+        if rope and self.cfg.get("no_rope_layers") is not None:  # SmolLM3: 0 = this layer has no rope
+            rope = bool(self.cfg["no_rope_layers"][int(prefix.split(".")[2])])
         B, T, hd = self.B, self.T, self.head_dim(H)
         if names[0].endswith("qkv_proj"):  # Phi-3: one fused matrix, rows q | k | v
             q, k, v = self.lin(h, prefix + names[0]).split([H * hd, K * hd, K * hd], -1)
@@ -176,7 +178,7 @@ def gemma(o: Oracle) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
-FORWARDS = {"gemma2": gemma, "gemma3_text": gemma, "llama": llama_like, "mistral": llama_like, "qwen2": llama_like, "qwen3": llama_like, "opt": opt, "phi": phi, "phi3": phi3}
+FORWARDS = {"gemma2": gemma, "gemma3_text": gemma, "llama": llama_like, "mistral": llama_like, "qwen2": llama_like, "qwen3": llama_like, "smollm3": llama_like, "opt": opt, "phi": phi, "phi3": phi3}
 
 
 def oracle_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ def test_unknown_model_type(tiny_folder, calib_file, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, slice_args(folder, out, calib_file))
     assert_refused(result, "unsupported architecture: model_type 'gpt_neox' (supported: gemma2, gemma3_text, llama, mistral, opt, "
-                           "phi, phi3, qwen2, qwen3)", out)  # fmt: skip
+                           "phi, phi3, qwen2, qwen3, smollm3)", out)  # fmt: skip
 
 
 def test_known_unsupported_variant_is_named(tiny_folder, calib_file, tmp_path):

@@ -25,7 +25,8 @@ LOGIT_BOUND = 1e-3  # f32 file and f32 KV cache against the PyTorch reference (m
 # mistral and phi3: a sliding window of 12 positions, shorter than the 32 these tests reach; phi3's LongRoPE uses
 # its short factors in every runtime here (n_ctx 64, which llama.cpp rounds up to 256, is not beyond its 256 original positions)
 # gemma2 and gemma3_text: a sliding layer (window 12) then a global one
-FAMILIES = ("llama", "llama-tied", "llama-rope-llama3", "mistral", "qwen2", "qwen3", "opt", "phi", "phi3", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "llama-tied", "llama-rope-llama3", "mistral", "qwen2", "qwen3", "smollm3", "opt", "phi", "phi3", "gemma2",
+            "gemma3_text")
 CASES = [(family, sparsity) for family in FAMILIES for sparsity in (0.0, 0.25)] + BUDGET_CASES
 
 

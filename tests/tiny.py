@@ -27,6 +27,8 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # 256: llama.cpp rounds its context up to a multiple of 256 and picks the long factors beyond the original context
     "phi3": ("Phi3Config", dict(num_key_value_heads=2, tie_word_embeddings=True, sliding_window=12, pad_token_id=VOCAB - 1,
                                 max_position_embeddings=1024, original_max_position_embeddings=256, rope_parameters=PHI3_LONGROPE)),
+    # NoPE on every second layer (SmolLM3's default: every fourth)
+    "smollm3": ("SmolLM3Config", dict(num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=VOCAB - 1)),
     # post-norms, (1 + w) norms, sqrt(D) embeddings, GeGLU, head_dim 24, query_pre_attn_scalar; a sliding layer then a
     # global one; soft-capping low enough to bite on a random model
     "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=12,

@@ -126,6 +126,7 @@ class SlicedConfig:
     final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     sliding_layers: list[bool] | None = None  # which layers use sliding_window (None: all of them when it is set)
     local_rope: RopeSpec | None = None  # rope of the sliding layers when it differs from `rope` (Gemma 3)
+    rope_layers: list[bool] | None = None  # which layers rotate q and k (None: all); SmolLM3 skips every 4th
     bos_windows: bool = False  # trained to always see BOS (Gemma): every calibration and evaluation window starts with it
     sparsity: float = 0.0  # the paper's slicing fraction (of the hidden width), 0 for a budget
     round_to: int = 8

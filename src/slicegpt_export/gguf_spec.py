@@ -62,6 +62,7 @@ ATTENTION_SCALE = key("attention.scale")  # float32: softmax scale of q k^T (abs
 ATTN_LOGIT_SOFTCAPPING = key("attn_logit_softcapping")  # float32: scores -> cap * tanh(scores / cap)
 FINAL_LOGIT_SOFTCAPPING = key("final_logit_softcapping")  # float32: logits -> cap * tanh(logits / cap)
 SLIDING_WINDOW_PATTERN = key("attention.sliding_window_pattern")  # array[bool] of block_count: which blocks use the window
+ROPE_LAYERS = key("rope.layers")  # array[bool] of block_count, optional: which blocks rotate q and k (SmolLM3)
 BOS_WINDOWS = key("bos_windows")  # bool, optional: trained to always see BOS; evaluation windows start with it (Gemma)
 ROPE_FREQ_BASE_SWA = key("rope.freq_base_swa")  # float32: rope base of the sliding blocks (unscaled), when it differs
 # ---- widths -----------------------------------------------------------------------------------

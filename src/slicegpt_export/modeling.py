@@ -233,6 +233,8 @@ class Attention(nn.Module):
         self.v_proj = linear(d_in, cfg.num_kv_heads * cfg.head_dim, qkv_bias)
         self.o_proj = linear(cfg.num_heads * cfg.head_dim, d_out, cfg.bias["attn_out"])
         self.sliding = layer_is_sliding(cfg, layer_idx)
+        rope_layers = getattr(cfg, "rope_layers", None)
+        self.use_rope = rope_layers is None or bool(rope_layers[layer_idx])  # SmolLM3: some layers without rope
         self.scale = getattr(cfg, "attention_scale", None) or 1.0 / math.sqrt(cfg.head_dim)
         self.softcap = getattr(cfg, "attn_logit_softcap", None)
         qk_norm = getattr(cfg, "qk_norm", False)
@@ -247,7 +249,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin, mask = ctx.for_layer(self.sliding)
-        if cos is not None:
+        if cos is not None and self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, K, S, hd)

@@ -110,6 +110,8 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
         w.add_float32(spec.ROPE_FREQ_BASE_SWA, cfg.local_rope.theta)
     if cfg.bos_windows:
         w.add_bool(spec.BOS_WINDOWS, True)
+    if cfg.rope_layers is not None:
+        w.add_key_value(spec.ROPE_LAYERS, [bool(f) for f in cfg.rope_layers], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
     for k, flag in [(spec.BIAS_QKV, "qkv"), (spec.BIAS_ATTN_OUT, "attn_out"), (spec.BIAS_MLP, "mlp"), (spec.BIAS_HEAD, "head")]:
         w.add_bool(k, cfg.bias[flag])
     for k, field in [(spec.WIDTH_ATTN_IN, "attn_in"), (spec.WIDTH_ATTN_OUT, "attn_out"), (spec.WIDTH_MLP_IN, "mlp_in"), (spec.WIDTH_MLP_OUT, "mlp_out")]:

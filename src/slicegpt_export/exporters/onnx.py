@@ -10,7 +10,9 @@ Optimum and onnxruntime-genai name it:
 Every norm is SliceGPT's RMSNorm over the original width D written as ONNX's fused
 ``RMSNormalization`` over the sliced width d:  x / sqrt(|x|^2 / D + eps)
 = sqrt(D/d) * x / sqrt(mean_d(x^2) + eps * D/d).  Residual projections are MatMul nodes
-named ``layers.N.attn_shortcut`` / ``layers.N.mlp_shortcut``.  Linear weights are stored
+named ``layers.N.attn_shortcut`` / ``layers.N.mlp_shortcut``; a post-norm model's (Gemma) branch
+outputs pass a weightless RMSNorm over D and a MatMul ``layers.N.attn_post_proj`` /
+``layers.N.mlp_post_proj``.  Linear weights are stored
 transposed (in x out), the MatMul layout.  Operators come from the default domain, opset 23
 (Attention with grouped KV heads and a past, RotaryEmbedding, RMSNormalization).
 """
@@ -145,7 +147,7 @@ class DecoderGraph:
         return self.g.op("Split", [y, sizes], name=f"{packed}/Split", outputs=len(names), axis=-1)
 
     def head_norm(self, x: str, heads: int, name: str) -> str:
-        """Qwen3's per-head RMSNorm (weight `name`.weight over head_dim): (B, T, heads * hd) -> same shape."""
+        """The per-head RMSNorm of Qwen3 and Gemma 3 (weight `name`.weight over head_dim): (B, T, heads * hd) -> same shape."""
         hd = self.cfg.head_dim
         per_head = self.g.op("Reshape", [x, self.g.const_i64(f"{name}.heads", [0, 0, heads, hd])], name=f"{name}/Reshape")
         scale = self.g.weight(f"{name}.weight", self.tensors[f"{name}.weight"])
@@ -159,7 +161,7 @@ class DecoderGraph:
         q, k, v = self.packed_linear(h, [p + proj for proj in ("q_proj", "k_proj", "v_proj")], p + "qkv_proj")  # (B, T, heads * hd)
         if cfg.qk_norm:
             q, k = self.head_norm(q, cfg.num_heads, p + "q_norm"), self.head_norm(k, cfg.num_kv_heads, p + "k_norm")
-        if cfg.rope is not None:
+        if cfg.rope is not None and (cfg.rope_layers is None or cfg.rope_layers[i]):
             cache = "rope_local" if sliding and cfg.local_rope is not None else "rope"
             q, k = self.rope(q, cfg.num_heads, p + "q_rotary", cache), self.rope(k, cfg.num_kv_heads, p + "k_rotary", cache)
         attrs = {"softcap": cfg.attn_logit_softcap} if cfg.attn_logit_softcap is not None else {}

@@ -154,7 +154,8 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
         attention_scale=optional_float(meta, spec.ATTENTION_SCALE),
         attn_logit_softcap=optional_float(meta, spec.ATTN_LOGIT_SOFTCAPPING),
         final_logit_softcap=optional_float(meta, spec.FINAL_LOGIT_SOFTCAPPING),
-        sliding_layers=sliding_pattern(meta, n),
+        sliding_layers=layer_flags(meta, spec.SLIDING_WINDOW_PATTERN, n),
+        rope_layers=layer_flags(meta, spec.ROPE_LAYERS, n),
         bos_windows=meta.get(spec.BOS_WINDOWS, bool, False),
         local_rope=RopeSpec(float(meta.get(spec.ROPE_FREQ_BASE_SWA, float)), rope.dim) if rope and spec.ROPE_FREQ_BASE_SWA in meta.fields else None,
         sparsity=float(meta.get(spec.SPARSITY, float, 0.0)),
@@ -168,13 +169,13 @@ def optional_float(meta: Metadata, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def sliding_pattern(meta: Metadata, n: int) -> list[bool] | None:
-    """Which blocks use the sliding window (Gemma); None when the file names no pattern (then all of them do)."""
-    values = meta.get(spec.SLIDING_WINDOW_PATTERN, list, None)
+def layer_flags(meta: Metadata, key: str, n: int) -> list[bool] | None:
+    """One flag per block (which use the sliding window, which rotate); None when the file has no such key (all do)."""
+    values = meta.get(key, list, None)
     if values is None:
         return None
     if len(values) != n:
-        raise GGUFFormatError(f"{meta.path}: {spec.SLIDING_WINDOW_PATTERN} must hold block_count = {n} entries")
+        raise GGUFFormatError(f"{meta.path}: {key} must hold block_count = {n} entries")
     return [bool(v) for v in values]
 
 

@@ -112,6 +112,20 @@ void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
     // Gemma 2's soft-capping: of the attention scores (llama.cpp's own attention code), of the logits (below)
     hparams.attn_soft_cap = ml.get_key(LLM_KV_ATTN_LOGIT_SOFTCAPPING, hparams.f_attn_logit_softcapping, false);
     final_softcap = slicegpt_get_f32_or(ml, "final_logit_softcapping", 0.0f);
+
+    // which blocks rotate q and k (SmolLM3 leaves some without rope); absent: all of them
+    rope_layers.fill(true);
+    const int64_t rope_layers_id = gguf_find_key(ml.metadata, "slicegpt.rope.layers");
+    if (rope_layers_id >= 0) {
+        if (gguf_get_kv_type(ml.metadata, rope_layers_id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ml.metadata, rope_layers_id) != GGUF_TYPE_BOOL
+                || gguf_get_arr_n(ml.metadata, rope_layers_id) != hparams.n_layer()) {
+            throw std::runtime_error(format("slicegpt: slicegpt.rope.layers must be an array of %u bool", hparams.n_layer()));
+        }
+        const auto * flags = static_cast<const int8_t *>(gguf_get_arr_data(ml.metadata, rope_layers_id));
+        for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+            rope_layers[il] = flags[il] != 0;
+        }
+    }
     // LongRoPE needs no code here: llama.cpp's loader reads rope.scaling.attn_factor and
     // rope.scaling.original_context_length for every architecture, and the factors are tensors
 
@@ -270,7 +284,7 @@ ggml_tensor * llama_model_slicegpt::graph::build_self_attn(ggml_tensor * h, ggml
         cb(Qcur, "Qcur_normed", il);
         cb(Kcur, "Kcur_normed", il);
     }
-    if (!model.learned_positions) {
+    if (!model.learned_positions && model.rope_layers[il]) {
         // rope_freqs (Llama 3), LongRoPE's long or short factors, or none
         ggml_tensor * rope_factors = model.get_rope_factors(cparams, il);
         // per layer: Gemma 3's sliding layers have a rope base of their own
