@@ -79,7 +79,17 @@ def test_unknown_model_type(tiny_folder, calib_file, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
     out = tmp_path / "out"
     result = runner.invoke(app, slice_args(folder, out, calib_file))
-    assert_refused(result, "unsupported architecture: model_type 'gpt_neox' (supported: llama, mistral, opt, phi, qwen2)", out)
+    assert_refused(result, "unsupported architecture: model_type 'gpt_neox' (supported: gemma2, gemma3_text, llama, mistral, opt, "
+                           "phi, phi3, qwen2, qwen3, smollm3)", out)  # fmt: skip
+
+
+def test_known_unsupported_variant_is_named(tiny_folder, calib_file, tmp_path):
+    folder = copy_folder(tiny_folder, tmp_path / "moe")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe"}))
+    out = tmp_path / "out"
+    result = runner.invoke(app, slice_args(folder, out, calib_file))
+    assert_refused(result, "Qwen3 MoE (model_type qwen3_moe) is not supported: mixture-of-experts MLPs; dense Qwen3 (qwen3) is", out)
 
 
 def test_missing_weights(tiny_folder, calib_file, tmp_path):

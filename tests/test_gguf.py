@@ -20,6 +20,8 @@ from slicegpt_export.validation.gguf_runner import GGUFModel, validate_gguf
 
 CASES = [(family, sparsity) for family in TINY_CONFIGS for sparsity in (0.0, 0.25)] + BUDGET_CASES
 BOUNDS = {"f32": 1e-4, "f16": 1e-2}
+#: half precision on the tiny Gemma models, which run four weighted norms per block: measured 0.013 to 0.031
+GEMMA_F16_BOUND = 5e-2
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
@@ -37,7 +39,8 @@ def test_runner_logits_match_the_reference(checkpoint, tmp_path, gguf_type):
     model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / gguf_type, gguf_type=gguf_type))
     ids = random_prompts()
     diff = (model.logits(ids) - load_sliced(checkpoint)(ids).logits).abs().max().item()
-    assert diff <= BOUNDS[gguf_type], diff
+    gemma = model.config.model_type.startswith("gemma")
+    assert diff <= (GEMMA_F16_BOUND if gemma and gguf_type == "f16" else BOUNDS[gguf_type]), diff
 
 
 @pytest.mark.parametrize("family", list(TINY_CONFIGS))
@@ -47,8 +50,9 @@ def test_q8_0_top1_agreement(family, tmp_path, wikitext):
     model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0"))
     ids = random_prompts()
     agree = (model.logits(ids).argmax(-1) == load_sliced(checkpoint)(ids).logits.argmax(-1)).float().mean().item()
-    # a tied model's head is its q8_0 token embedding (as llama.cpp keeps tied models): llama-tied measured 97.85%
-    assert agree >= (0.975 if "tied" in family else 0.98), agree
+    # a tied model's head is its q8_0 token embedding (as llama.cpp keeps tied models): llama-tied measured 97.85%,
+    # gemma3_text 97.66%
+    assert agree >= (0.975 if read_config(checkpoint)[0].tied_embeddings else 0.98), agree
 
 
 def test_metadata_round_trips(checkpoint, tmp_path):
@@ -74,8 +78,11 @@ def test_metadata_round_trips(checkpoint, tmp_path):
     assert set(spec.REQUIRED_KEYS) <= set(fields)
     assert fields["tokenizer.ggml.eos_token_id"].contents() == base["eos_token_id"]
     names = {t.name for t in model.reader.tensors}
-    assert names - {spec.ROPE_FREQS} == {spec.gguf_name(n) for n in read_tensors(checkpoint)}  # every tensor, nothing else
-    assert all(not n.endswith("norm.weight") for n in names)  # every norm is weightless
+    rope = {spec.ROPE_FREQS, spec.ROPE_FACTORS_LONG, spec.ROPE_FACTORS_SHORT}
+    assert names - rope == {spec.gguf_name(n) for n in read_tensors(checkpoint)}  # every tensor, nothing else
+    # every residual-stream norm is weightless; only Qwen3's per-head q/k norms keep a weight
+    assert all(n.endswith(("attn_q_norm.weight", "attn_k_norm.weight")) for n in names if n.endswith("norm.weight"))
+    assert any(n.endswith("attn_q_norm.weight") for n in names) == cfg.qk_norm
 
 
 def test_block_quantized_files_pad_widths_and_quantize_every_matrix(tmp_path):

@@ -22,8 +22,11 @@ from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
 pytestmark = pytest.mark.usefixtures("llama_cpp")
 
 LOGIT_BOUND = 1e-3  # f32 file and f32 KV cache against the PyTorch reference (measured ~3e-6)
-# mistral: a sliding window of 12 positions, shorter than the 32 these tests reach
-FAMILIES = ("llama", "llama-tied", "llama-rope-llama3", "mistral", "qwen2", "opt", "phi")
+# mistral and phi3: a sliding window of 12 positions, shorter than the 32 these tests reach; phi3's LongRoPE uses
+# its short factors in every runtime here (n_ctx 64, which llama.cpp rounds up to 256, is not beyond its 256 original positions)
+# gemma2 and gemma3_text: a sliding layer (window 12) then a global one
+FAMILIES = ("llama", "llama-tied", "llama-rope-llama3", "mistral", "qwen2", "qwen3", "smollm3", "opt", "phi", "phi3", "gemma2",
+            "gemma3_text")
 CASES = [(family, sparsity) for family in FAMILIES for sparsity in (0.0, 0.25)] + BUDGET_CASES
 
 
@@ -94,3 +97,13 @@ def test_file_only_runner_reads_llama3_rope_scaling(tmp_path):
     path = export_gguf(checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32")
     ids = torch.tensor([prompt(48)])  # past the 16 original positions, where the scaling matters
     assert (GGUFModel(path).logits(ids) - load_sliced(checkpoint)(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_longrope_long_factors_beyond_the_original_context(tmp_path):
+    # llama.cpp picks LongRoPE's long factors by context size (n_ctx 512 > the 256 original positions), the
+    # reference by the largest position of the call: the two agree on a 300-token prompt
+    checkpoint = write_sliced_checkpoint("phi3", 0.25, tmp_path / "checkpoint")
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32")
+    ids = torch.tensor([prompt(300)])
+    want = load_sliced(checkpoint)(ids).logits
+    assert (LlamaCppModel(path, n_ctx=512).logits(ids) - want).abs().max().item() <= LOGIT_BOUND

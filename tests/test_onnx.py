@@ -119,3 +119,15 @@ def test_fp16_graph_runs_within_half_precision_tolerance(tmp_path):
     export_onnx(checkpoint=checkpoint, out=tmp_path / "fp16", precision="fp16")
     results = validate_onnx(tmp_path / "fp16", checkpoint)  # reported by validation, bounded here for the tiny model
     assert max(r.max_abs_diff for r in results) < 5e-2
+
+
+def test_longrope_graph_switches_to_long_factors(tmp_path):
+    # an If node picks the long caches once the largest position reaches the 256 original ones, as the reference does
+    checkpoint = write_sliced_checkpoint("phi3", 0.25, tmp_path / "checkpoint")
+    export_onnx(checkpoint=checkpoint, out=tmp_path / "onnx")
+    ids = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(4))
+    reference = load_sliced(checkpoint)
+    decoder = OnnxDecoder(tmp_path / "onnx")
+    for length in (40, 300):
+        got = decoder.logits(ids[:, :length])
+        assert (got - reference(ids[:, :length]).logits).abs().max().item() <= 1e-4

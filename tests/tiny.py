@@ -9,6 +9,9 @@ import torch
 
 VOCAB = 256
 
+#: LongRoPE of the tiny Phi-3: rotary dim 16 * 0.75 = 12, so 6 factors of each kind
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                 "short_factor": [1.0, 1.1, 1.3, 1.7, 2.2, 3.0], "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}  # fmt: skip
 #: model_type -> (config class name, config kwargs); one entry per supported family variant
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
@@ -17,6 +20,25 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "opt": ("OPTConfig", dict(ffn_dim=96, dropout=0.0)),
     "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),
+    # q/k norms, head_dim independent of D (16)
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+    # Phi-4-mini's shape: fused qkv / gate_up, partial rotary, LongRoPE (short factors within the 256 original
+    # positions, attention factor sqrt(1 + ln 4 / ln 256) from 1024 / 256), tied head; plus a sliding window.
+    # 256: llama.cpp rounds its context up to a multiple of 256 and picks the long factors beyond the original context
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, tie_word_embeddings=True, sliding_window=12, pad_token_id=VOCAB - 1,
+                                max_position_embeddings=1024, original_max_position_embeddings=256, rope_parameters=PHI3_LONGROPE)),
+    # NoPE on every second layer (SmolLM3's default: every fourth)
+    "smollm3": ("SmolLM3Config", dict(num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=VOCAB - 1)),
+    # post-norms, (1 + w) norms, sqrt(D) embeddings, GeGLU, head_dim 24, query_pre_attn_scalar; a sliding layer then a
+    # global one; soft-capping low enough to bite on a random model
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=12,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    # Gemma 3: q/k norms, global layers with their own (linearly scaled) rope, sliding layers with a local base; a softer
+    # softmax scale than Gemma 2's tiny model (with 20, transformers' own float32 logits stray 1.2e-5 from float64)
+    "gemma3_text": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=96, sliding_window=12,
+                                             layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                                                 "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
 }
 #: further variants some tests use on top of the family list
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -40,7 +62,7 @@ def tiny_hf_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = 
     import transformers
 
     cls_name, extra = (TINY_CONFIGS | VARIANTS)[name]
-    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    config = getattr(transformers, cls_name)(**{**COMMON, **extra})
     if cls_name == "OPTConfig":  # OPT names its MLP width ffn_dim and has no intermediate_size
         config.word_embed_proj_dim = config.hidden_size
     torch.manual_seed(seed)
@@ -151,6 +173,9 @@ def write_sliced_checkpoint(name: str, slicing: float | str, folder: Path, *, tr
         sd.pop("lm_head.weight", None)
     calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
     model, cfg = slice_source(SourceModel(hf.config.to_dict(), sd, None, name), calib, **slice_options(slicing))
+    # named "tiny", not after the family: llama.cpp applies Phi-3's vocabulary fixes to a file whose name says phi3,
+    # and the byte vocabulary lacks the tokens they touch
+    cfg.source_model = "tiny"
     save_checkpoint(folder, tensors=model.named_weights(), config=cfg, base_config=hf.config.to_dict())
     byte_tokenizer().save_pretrained(folder)
     return folder

@@ -19,11 +19,15 @@ Tensor names and shapes (PyTorch order, ``out x in`` for linears), with ``d_l`` 
 ``layers.N.k_proj.weight``      (kv_heads * head_dim, attn_in) (+ ``.bias``)
 ``layers.N.v_proj.weight``      (kv_heads * head_dim, attn_in) (+ ``.bias``)
 ``layers.N.o_proj.weight``      (attn_out, heads * head_dim)   (+ ``.bias``)
+``layers.N.q_norm.weight``      (head_dim,) -- ``qk_norm`` only (Qwen3): per-head RMSNorm of queries
+``layers.N.k_norm.weight``      (head_dim,) -- ``qk_norm`` only: per-head RMSNorm of keys
 ``layers.N.attn_shortcut``      (attn_in, attn_out)
 ``layers.N.gate_proj.weight``   (intermediate, mlp_in) -- gated MLPs only
 ``layers.N.up_proj.weight``     (intermediate, mlp_in)         (+ ``.bias``)
 ``layers.N.down_proj.weight``   (mlp_out, intermediate)        (+ ``.bias``)  intermediate: per block
 ``layers.N.mlp_shortcut``       (mlp_in, mlp_out) -- sequential blocks only
+``layers.N.attn_post_proj``     (hidden_size, attn_out) -- ``post_norms`` only; o_proj then has hidden_size rows
+``layers.N.mlp_post_proj``      (hidden_size, mlp_out) -- ``post_norms`` only; down_proj then has hidden_size rows
 ``lm_head.weight``              (vocab, head_in)               (+ ``.bias``)
 ==============================  =================================================
 
@@ -86,7 +90,7 @@ class RopeSpec:
 
     theta: float
     dim: int  # number of rotated channels per head (== head_dim unless partial rotary)
-    scaling: dict[str, Any] | None = None  # Hugging Face rope_scaling dict (rope_type linear/llama3) or None
+    scaling: dict[str, Any] | None = None  # Hugging Face rope_scaling dict (rope_type linear/llama3/longrope) or None
 
 
 @dataclasses.dataclass
@@ -115,6 +119,15 @@ class SlicedConfig:
     head_in: int  # columns of lm_head
     tied_embeddings: bool = False  # embed_tokens (vocab, e) stored once, read by the embedding and the head
     tied_width: int | None = None  # e: columns of a tied embedding matrix sliced to E U (None: D)
+    qk_norm: bool = False  # per-head RMSNorm (weighted, over head_dim) of queries and keys before rope (Qwen3, Gemma 3)
+    post_norms: bool = False  # Gemma 2/3: branch outputs stay D wide, weightless norm over D, then a (D, d_out) post_proj
+    attention_scale: float | None = None  # softmax scale of q k^T (None: 1 / sqrt(head_dim)); Gemma: query_pre_attn_scalar^-0.5
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax
+    final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    sliding_layers: list[bool] | None = None  # which layers use sliding_window (None: all of them when it is set)
+    local_rope: RopeSpec | None = None  # rope of the sliding layers when it differs from `rope` (Gemma 3)
+    rope_layers: list[bool] | None = None  # which layers rotate q and k (None: all); SmolLM3 skips every 4th
+    bos_windows: bool = False  # trained to always see BOS (Gemma): every calibration and evaluation window starts with it
     sparsity: float = 0.0  # the paper's slicing fraction (of the hidden width), 0 for a budget
     round_to: int = 8
     slicing: dict[str, Any] = dataclasses.field(default_factory=dict)  # how widths were chosen (rotation, allocation, budget)
@@ -142,6 +155,7 @@ class SlicedConfig:
             data["format_version"] = FORMAT_VERSION
         data["layers"] = [LayerWidths(**w) for w in data["layers"]]
         data["rope"] = RopeSpec(**data["rope"]) if data.get("rope") else None
+        data["local_rope"] = RopeSpec(**data["local_rope"]) if data.get("local_rope") else None
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:

@@ -1,4 +1,4 @@
-"""The `slicegpt` GGUF architecture, version 2: every metadata key and tensor name in one place.
+"""The `slicegpt` GGUF architecture, version 3: every metadata key and tensor name in one place.
 
 docs/gguf-slicegpt.md is the prose version of this module; the writer and the runner use
 only these constants.
@@ -7,7 +7,8 @@ only these constants.
 from __future__ import annotations
 
 ARCH = "slicegpt"
-SPEC_VERSION = 2  # 2: tied embeddings (token_embd read by the head through output_proj)
+SPEC_VERSION = 3  # 2: tied embeddings (token_embd read by the head through output_proj); 3: q/k norms, LongRoPE, Gemma
+READABLE_SPEC_VERSIONS = (2, 3)  # a version 2 file has neither q/k norms nor LongRoPE
 
 
 def key(name: str) -> str:
@@ -30,8 +31,13 @@ NORM_EPSILON = key("attention.layer_norm_rms_epsilon")  # float32
 SLIDING_WINDOW = key("attention.sliding_window")  # optional
 ROPE_FREQ_BASE = key("rope.freq_base")  # float32, rope only
 ROPE_DIMENSION_COUNT = key("rope.dimension_count")  # rope only
-ROPE_SCALING_TYPE = key("rope.scaling.type")  # string: none or linear (llama.cpp's names; llama.cpp reads it)
+ROPE_SCALING_TYPE = key("rope.scaling.type")  # string: none, linear or longrope (llama.cpp's names; llama.cpp reads it)
 ROPE_SCALING_FACTOR = key("rope.scaling.factor")  # float32, linear
+# LongRoPE (Phi-3.5, Phi-4-mini), as llama.cpp's own phi3 files carry it: these two keys plus ROPE_FACTORS_*
+ROPE_SCALING_ATTN_FACTOR = key("rope.scaling.attn_factor")  # float32: cos and sin are multiplied by it
+ROPE_SCALING_ORIG_CTX = key("rope.scaling.original_context_length")  # uint32: beyond it the long factors apply
+ROPE_FACTORS_LONG = "rope_factors_long.weight"  # [r/2] f32: inv_freq_j = theta^(-2j/r) / factor_j
+ROPE_FACTORS_SHORT = "rope_factors_short.weight"
 # Llama 3 scaling: its own keys (llama.cpp would read rope.scaling.factor as linear scaling) plus ROPE_FREQS
 ROPE_LLAMA3_FACTOR = key("rope.llama3.factor")  # float32
 ROPE_LLAMA3_LOW_FREQ_FACTOR = key("rope.llama3.low_freq_factor")  # float32
@@ -49,6 +55,16 @@ POSITION_EMBEDDING = key("position_embedding")  # string: rope or learned
 POSITION_OFFSET = key("position_offset")  # learned positions: row = position + offset
 SPARSITY = key("sparsity")  # float32, informative
 TIED_EMBEDDINGS = key("tied_embeddings")  # bool: token_embd is [D, V], read through token_embd_proj and by the head
+QK_NORM = key("attention.qk_norm")  # bool (version 3): blk.N.attn_q_norm / attn_k_norm weight a per-head RMSNorm
+# ---- version 3, Gemma 2/3 (optional keys; llama.cpp's own names where it has them) ------------------------------
+POST_NORMS = key("post_norms")  # bool: branch outputs are D wide, normed over D, then blk.N.*_post_proj
+ATTENTION_SCALE = key("attention.scale")  # float32: softmax scale of q k^T (absent: 1 / sqrt(key_length))
+ATTN_LOGIT_SOFTCAPPING = key("attn_logit_softcapping")  # float32: scores -> cap * tanh(scores / cap)
+FINAL_LOGIT_SOFTCAPPING = key("final_logit_softcapping")  # float32: logits -> cap * tanh(logits / cap)
+SLIDING_WINDOW_PATTERN = key("attention.sliding_window_pattern")  # array[bool] of block_count: which blocks use the window
+ROPE_LAYERS = key("rope.layers")  # array[bool] of block_count, optional: which blocks rotate q and k (SmolLM3)
+BOS_WINDOWS = key("bos_windows")  # bool, optional: trained to always see BOS; evaluation windows start with it (Gemma)
+ROPE_FREQ_BASE_SWA = key("rope.freq_base_swa")  # float32: rope base of the sliding blocks (unscaled), when it differs
 # ---- widths -----------------------------------------------------------------------------------
 WIDTH_EMBEDDING = key("width.embedding")  # d_emb: the residual width entering block 0
 WIDTH_TOKEN_EMBD = key("width.token_embd")  # columns of token_embd: d_emb untied; D (or fewer, E sliced) when tied
@@ -61,7 +77,7 @@ WIDTH_HEAD_IN = key("width.head_in")
 REQUIRED_KEYS = (
     SPEC_VERSION_KEY, BASE_FAMILY, BLOCK_COUNT, EMBEDDING_LENGTH, CONTEXT_LENGTH, FEED_FORWARD_LENGTH, VOCAB_SIZE,
     HEAD_COUNT, HEAD_COUNT_KV, KEY_LENGTH, VALUE_LENGTH, NORM_EPSILON, BLOCK_KIND, ACTIVATION, GATED_MLP,
-    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, TIED_EMBEDDINGS, WIDTH_EMBEDDING, WIDTH_TOKEN_EMBD,
+    BIAS_QKV, BIAS_ATTN_OUT, BIAS_MLP, BIAS_HEAD, POSITION_EMBEDDING, POSITION_OFFSET, TIED_EMBEDDINGS, QK_NORM, POST_NORMS, WIDTH_EMBEDDING, WIDTH_TOKEN_EMBD,
     WIDTH_ATTN_IN, WIDTH_ATTN_OUT, WIDTH_MLP_IN, WIDTH_MLP_OUT, WIDTH_HEAD_IN,
 )  # fmt: skip
 
@@ -77,6 +93,8 @@ TENSOR_NAMES = {
     "layers.{i}.v_proj.bias": "blk.{i}.attn_v.bias",
     "layers.{i}.o_proj.weight": "blk.{i}.attn_output.weight",
     "layers.{i}.o_proj.bias": "blk.{i}.attn_output.bias",
+    "layers.{i}.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "layers.{i}.k_norm.weight": "blk.{i}.attn_k_norm.weight",
     "layers.{i}.attn_shortcut": "blk.{i}.attn_shortcut.weight",
     "layers.{i}.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     "layers.{i}.up_proj.weight": "blk.{i}.ffn_up.weight",
@@ -84,6 +102,8 @@ TENSOR_NAMES = {
     "layers.{i}.down_proj.weight": "blk.{i}.ffn_down.weight",
     "layers.{i}.down_proj.bias": "blk.{i}.ffn_down.bias",
     "layers.{i}.mlp_shortcut": "blk.{i}.ffn_shortcut.weight",
+    "layers.{i}.attn_post_proj": "blk.{i}.attn_post_proj.weight",
+    "layers.{i}.mlp_post_proj": "blk.{i}.ffn_post_proj.weight",
     "lm_head.weight": "output.weight",
     "lm_head.bias": "output.bias",
     "embed_proj": "token_embd_proj.weight",
@@ -91,7 +111,7 @@ TENSOR_NAMES = {
 }
 #: matrices the checkpoint applies on the right (x -> x @ S) are stored transposed, as linear weights
 #: (d_out rows of d_in): y = S^T x
-RIGHT_MULTIPLIED = ("attn_shortcut", "mlp_shortcut", "embed_proj", "proj")
+RIGHT_MULTIPLIED = ("attn_shortcut", "mlp_shortcut", "embed_proj", "proj", "attn_post_proj", "mlp_post_proj")
 
 
 def is_right_multiplied(checkpoint_name: str) -> bool:

@@ -57,13 +57,31 @@ def unscaled_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
 
 
 def rope_scaling_kind(spec: RopeSpec) -> str:
-    """The scaling kind, default, linear or llama3: the Hugging Face rope_scaling rope_type (or the older `type`)."""
+    """The scaling kind, default, linear, llama3 or longrope: the Hugging Face rope_scaling rope_type (or the older `type`)."""
     scaling = spec.scaling or {}
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
-    """inv_freq_i = theta^(-2i/dim), with Hugging Face's linear or llama3 scaling applied.  Returns (dim/2,) float64."""
+def longrope_original_context(spec: RopeSpec | None) -> int | None:
+    """LongRoPE (Phi-3.5, Phi-4-mini): the pretraining context beyond which the long factors apply; None for other kinds."""
+    if spec is None or rope_scaling_kind(spec) != "longrope":
+        return None
+    return int(spec.scaling["original_max_position_embeddings"])
+
+
+def rope_attention_factor(spec: RopeSpec | None) -> float:
+    """The factor LongRoPE multiplies cos and sin by (recorded by the adapter as Hugging Face computes it); 1 otherwise."""
+    if longrope_original_context(spec) is None:
+        return 1.0
+    return float(spec.scaling["attention_factor"])
+
+
+def rope_inverse_frequencies(spec: RopeSpec, *, long: bool = False) -> torch.Tensor:
+    """inv_freq_i = theta^(-2i/dim), with Hugging Face's linear, llama3 or longrope scaling applied.  Returns (dim/2,) float64.
+
+    LongRoPE divides by per-frequency factors: the short ones within the original context, the
+    long ones (`long=True`) beyond it.
+    """
     inv_freq = unscaled_inverse_frequencies(spec)
     scaling = spec.scaling or {}
     kind = rope_scaling_kind(spec)
@@ -71,6 +89,8 @@ def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
         return inv_freq
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
+    if kind == "longrope":
+        return inv_freq / torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
     if kind == "llama3":
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -82,7 +102,7 @@ def rope_inverse_frequencies(spec: RopeSpec) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
-    raise ModelDefinitionError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+    raise ModelDefinitionError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3, longrope)")
 
 
 def rope_frequency_divisors(spec: RopeSpec) -> torch.Tensor:
@@ -129,16 +149,77 @@ class KVCache:
 
 @dataclasses.dataclass
 class AttentionContext:
-    """What every layer's attention needs for one forward call."""
+    """What every layer's attention needs for one forward call.
+
+    Models whose layers differ (Gemma: sliding-window layers beside global ones, Gemma 3 with a
+    rope of their own) carry a second set for the sliding layers; None = the same as the first.
+    """
 
     cos: torch.Tensor | None  # (B, 1, T, r)
     sin: torch.Tensor | None
     mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None = plain causal
     cache: KVCache | None
+    local_mask: torch.Tensor | None = None  # sliding layers of a mixed model
+    local_cos: torch.Tensor | None = None
+    local_sin: torch.Tensor | None = None
+
+    def for_layer(self, sliding: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(cos, sin, mask) of a global or a sliding-window layer."""
+        if not sliding:
+            return self.cos, self.sin, self.mask
+        mask = self.local_mask if self.local_mask is not None else self.mask
+        if self.local_cos is not None:
+            return self.local_cos, self.local_sin, mask
+        return self.cos, self.sin, mask
+
+
+def layer_is_sliding(cfg: SlicedConfig, idx: int) -> bool:
+    """Whether layer `idx` attends within the sliding window: every layer when the config names no pattern."""
+    if cfg.sliding_window is None:
+        return False
+    pattern = getattr(cfg, "sliding_layers", None)
+    return True if pattern is None else bool(pattern[idx])
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, cap: float | None
+) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T scale / cap)) v (Gemma 2's attention-logit soft-capping), in float32 softmax.
+
+    q (B, H, T, hd); k, v (B, K, S, hd), K dividing H; mask (B, 1, T, S) bool or None (causal).  Returns (B, H, T, hd).
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # (B, H, S, hd)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
+    if cap is not None:
+        scores = cap * torch.tanh(scores / cap)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype) @ v
 
 
 def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+
+class HeadNorm(nn.Module):
+    """Qwen3's per-head RMSNorm of queries or keys: w * x / sqrt(mean(x^2) + eps) over head_dim.
+
+    It acts after the projections, on head_dim, so slicing the residual never touches it.
+    """
+
+    def __init__(self, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(head_dim, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, heads, T, hd), normalized in float32 (or float64) as transformers does for half precision."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -151,19 +232,34 @@ class Attention(nn.Module):
         self.k_proj = linear(d_in, cfg.num_kv_heads * cfg.head_dim, qkv_bias)
         self.v_proj = linear(d_in, cfg.num_kv_heads * cfg.head_dim, qkv_bias)
         self.o_proj = linear(cfg.num_heads * cfg.head_dim, d_out, cfg.bias["attn_out"])
+        self.sliding = layer_is_sliding(cfg, layer_idx)
+        rope_layers = getattr(cfg, "rope_layers", None)
+        self.use_rope = rope_layers is None or bool(rope_layers[layer_idx])  # SmolLM3: some layers without rope
+        self.scale = getattr(cfg, "attention_scale", None) or 1.0 / math.sqrt(cfg.head_dim)
+        self.softcap = getattr(cfg, "attn_logit_softcap", None)
+        qk_norm = getattr(cfg, "qk_norm", False)
+        self.q_norm = HeadNorm(cfg.head_dim, cfg.norm_eps) if qk_norm else None
+        self.k_norm = HeadNorm(cfg.head_dim, cfg.norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if ctx.cos is not None:
-            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin, mask = ctx.for_layer(self.sliding)
+        if cos is not None and self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and T > 1, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, H, T, hd)
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.num_kv_heads != self.num_heads,
+                scale=self.scale,
+            )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -191,6 +287,15 @@ class ResidualStage(nn.Module):
 
     A sequential block has two stages (attention, then MLP), a parallel block one stage
     holding both branches.  Before slicing the shortcut is None (identity).
+
+    Post-norm stages (Gemma 2/3: a weighted RMSNorm g * y / rms(y) on the branch output y before
+    it joins the residual) cannot fold g into the branch's output rows the way a pre-norm folds
+    into the rows that read it: rms(y) needs every one of the D coordinates of y in some
+    orthonormal basis.  So the branch keeps its D outputs, the norm stays weightless over D,
+    and a (D, d_out) ``post_proj`` = diag(g) Q_out[:, :d_out] carries the scale and the rotation
+    into the sliced residual:  y_res = (y / rms_D(y)) @ diag(g) Q_out, exactly what the rotated
+    model computes, since the rotation comes after the norm.  Cost: D x d_out more parameters per
+    post-norm, and the output rows of o_proj / down_proj are not sliced.
     """
 
     def __init__(self, cfg: SlicedConfig, branches: dict[str, nn.Module], shortcut_name: str, d_in: int, d_out: int):
@@ -199,6 +304,9 @@ class ResidualStage(nn.Module):
         self.branches = nn.ModuleDict(branches)
         self.shortcut_name = shortcut_name
         self.register_buffer("shortcut", None, persistent=False)  # (d_in, d_out) or None for identity
+        self.post_norm = bool(getattr(cfg, "post_norms", False))
+        self.post_proj_name = shortcut_name.replace("shortcut", "post_proj")
+        self.register_buffer("post_proj", None, persistent=False)  # (D, d_out): post-norm stages only
         self.d_in, self.d_out = d_in, d_out
 
     def input_linears(self) -> list[nn.Linear]:
@@ -221,6 +329,8 @@ class ResidualStage(nn.Module):
         for branch in self.branches.values():
             y = branch(h, ctx) if isinstance(branch, Attention) else branch(h)
             out = y if out is None else out + y
+        if self.post_norm:
+            out = rms_norm(out, self.full_width, self.eps) @ self.post_proj  # (B, T, D) -> (B, T, d_out)
         return out
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -231,13 +341,15 @@ class ResidualStage(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: SlicedConfig, idx: int, widths: LayerWidths) -> None:
         super().__init__()
-        attn = Attention(cfg, idx, widths.attn_in, widths.attn_out)
+        post = bool(getattr(cfg, "post_norms", False))  # branches then write D wide, before their post-norm
+        attn = Attention(cfg, idx, widths.attn_in, cfg.hidden_size if post else widths.attn_out)
         intermediate = getattr(widths, "intermediate", None)  # older sections have none
         if cfg.block_kind == "sequential":
+            mlp = MLP(cfg, widths.mlp_in, cfg.hidden_size if post else widths.mlp_out, intermediate)
             self.stages = nn.ModuleList(
                 [
                     ResidualStage(cfg, {"attn": attn}, "attn_shortcut", widths.attn_in, widths.attn_out),
-                    ResidualStage(cfg, {"mlp": MLP(cfg, widths.mlp_in, widths.mlp_out, intermediate)}, "mlp_shortcut", widths.mlp_in, widths.mlp_out),
+                    ResidualStage(cfg, {"mlp": mlp}, "mlp_shortcut", widths.mlp_in, widths.mlp_out),
                 ]
             )
         elif cfg.block_kind == "parallel":
@@ -309,6 +421,12 @@ class SlicedModel(nn.Module):
         )
         inv_freq = rope_inverse_frequencies(cfg.rope) if cfg.rope is not None else torch.empty(0)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (r/2,) float64
+        self.longrope_context = longrope_original_context(cfg.rope)
+        long_freq = rope_inverse_frequencies(cfg.rope, long=True) if self.longrope_context is not None else None
+        self.register_buffer("inv_freq_long", long_freq, persistent=False)  # (r/2,) float64, LongRoPE only
+        local = getattr(cfg, "local_rope", None)
+        local_freq = rope_inverse_frequencies(local) if local is not None else None
+        self.register_buffer("local_inv_freq", local_freq, persistent=False)  # (r/2,) float64: Gemma 3's sliding layers
 
     @property
     def tied(self) -> bool:
@@ -323,6 +441,8 @@ class SlicedModel(nn.Module):
         for i, layer in enumerate(self.layers):
             for stage in layer.stages:
                 out[f"layers.{i}.{stage.shortcut_name}"] = (stage, "shortcut", (stage.d_in, stage.d_out))
+                if stage.post_norm:
+                    out[f"layers.{i}.{stage.post_proj_name}"] = (stage, "post_proj", (self.config.hidden_size, stage.d_out))
         return out
 
     def named_weights(self) -> dict[str, torch.Tensor]:
@@ -349,7 +469,7 @@ class SlicedModel(nn.Module):
         for n, (_, _, shape) in optional.items():
             if n in tensors and tuple(tensors[n].shape) != shape:
                 problems.append(f"tensor {n} has shape {tuple(tensors[n].shape)}, expected {shape}")
-            if n not in tensors and shape[0] != shape[1]:
+            if n not in tensors and (shape[0] != shape[1] or "post_proj" in n):  # a post_proj holds the norm's scale
                 problems.append(f"missing tensor {n}")
         if problems:
             raise ModelDefinitionError(f"checkpoint does not match its config: {'; '.join(problems[:5])}")
@@ -360,6 +480,9 @@ class SlicedModel(nn.Module):
         for n, (owner, attr, _) in optional.items():
             setattr(owner, attr, tensors.get(n))
         self.inv_freq = self.inv_freq.to(self.embed_tokens.weight.device)
+        for name in ("inv_freq_long", "local_inv_freq"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(self.embed_tokens.weight.device))
 
     # ----- forward -----------------------------------------------------------------
     def attention_context(
@@ -368,23 +491,33 @@ class SlicedModel(nn.Module):
         """Positions (B, T) and the attention context for T new tokens after the cache's past."""
         past = cache.length if cache is not None else 0
         S = past + T
+        mixed = getattr(self.config, "sliding_layers", None) is not None and self.config.sliding_window is not None
+        window = None if mixed else self.config.sliding_window  # of `mask`; a mixed model's sliding layers get local_mask
         if attention_mask is None:
             positions = torch.arange(past, S, device=device)[None]  # (1, T)
-            mask = None
-            if past > 0 or self.config.sliding_window is not None:
-                mask = causal_mask(torch.ones(1, S, dtype=torch.bool, device=device), T, self.config.sliding_window)
+            keep = torch.ones(1, S, dtype=torch.bool, device=device)  # (1, S)
+            mask = causal_mask(keep, T, window) if past > 0 or window is not None else None
         else:
             keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
             if keep.shape[1] != S:
                 raise ModelDefinitionError(f"attention_mask covers {keep.shape[1]} positions, expected past {past} + new {T}")
             positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-            mask = causal_mask(keep, T, self.config.sliding_window)
-        cos = sin = None
+            mask = causal_mask(keep, T, window)
+        ctx = AttentionContext(None, None, mask, cache)
+        if mixed:
+            ctx.local_mask = causal_mask(keep, T, self.config.sliding_window)
         if self.inv_freq.numel():
-            freqs = positions[..., None].double() * self.inv_freq.to(device)  # (B, T, r/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, r)
-            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        return AttentionContext(cos, sin, mask, cache), positions
+            ctx.cos, ctx.sin = rope_tables(positions, self.rope_frequencies(positions), rope_attention_factor(self.config.rope), dtype)
+        if self.local_inv_freq is not None:
+            ctx.local_cos, ctx.local_sin = rope_tables(positions, self.local_inv_freq, 1.0, dtype)
+        return ctx, positions
+
+    def rope_frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        """inv_freq for this call: LongRoPE's long factors once a position reaches the original context (as transformers
+        decides, from the largest position of the call), the one set otherwise.  (r/2,) float64."""
+        if self.longrope_context is not None and int(positions.max()) + 1 > self.longrope_context:
+            return self.inv_freq_long
+        return self.inv_freq
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, T, d_0), or (B, T, D) when tied
@@ -396,7 +529,9 @@ class SlicedModel(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, self.config.hidden_size, self.config.norm_eps)  # (B, T, head_in)
-        return self.lm_head(h, self.embed_tokens.weight) if self.tied else self.lm_head(h)
+        logits = self.lm_head(h, self.embed_tokens.weight) if self.tied else self.lm_head(h)  # (B, T, vocab)
+        cap = getattr(self.config, "final_logit_softcap", None)
+        return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma 2's final soft-capping
 
     def forward(
         self,
@@ -413,6 +548,13 @@ class SlicedModel(nn.Module):
         for layer in self.layers:
             x = layer(x, ctx)
         return ReferenceOutput(self.head(x), cache)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, r) of positions (B, T) at frequencies inv_freq (r/2,), times `scale` (LongRoPE's factor)."""
+    freqs = positions[..., None].double() * inv_freq.to(positions.device)  # (B, T, r/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, r)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def causal_mask(keep: torch.Tensor, T: int, window: int | None) -> torch.Tensor:

@@ -107,15 +107,18 @@ def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str, intermediates
         params += (cfg.max_position_embeddings + cfg.position_offset) * d0
     for w, (attn_stored, mlp_stored) in zip(layer_widths(cfg, widths, rotation, intermediates), stored_shortcuts(cfg, widths, rotation)):
         F = w.intermediate or cfg.intermediate_size
-        m = w.attn_in * (q_out + 2 * kv_out) + q_out * w.attn_out  # q, k, v, o
-        m += n_in * w.mlp_in * F + F * w.mlp_out  # gate, up, down
+        attn_rows, mlp_rows = (D, D) if cfg.post_norms else (w.attn_out, w.mlp_out)  # post-norm branches write D wide
+        m = w.attn_in * (q_out + 2 * kv_out) + q_out * attn_rows  # q, k, v, o
+        m += n_in * w.mlp_in * F + F * mlp_rows  # gate, up, down
+        m += D * (w.attn_out + w.mlp_out) if cfg.post_norms else 0  # post_proj per stage
         m += w.attn_in * w.attn_out if attn_stored else 0
         m += w.mlp_in * w.mlp_out if mlp_stored else 0
         macs += m
         params += m
         params += (q_out + 2 * kv_out) if bias["qkv"] else 0
-        params += w.attn_out if bias["attn_out"] else 0
-        params += (n_in * F + w.mlp_out) if bias["mlp"] else 0
+        params += 2 * cfg.head_dim if cfg.qk_norm else 0  # q_norm, k_norm
+        params += attn_rows if bias["attn_out"] else 0
+        params += (n_in * F + mlp_rows) if bias["mlp"] else 0
     return Cost(params, macs)
 
 

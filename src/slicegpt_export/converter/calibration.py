@@ -51,19 +51,22 @@ def calibration_ids(
     seqlen: int,
     seed: int,
     sample_from_model: Callable[[int, int, int], torch.Tensor],
+    bos: int | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Calibration windows (samples, seqlen) and a description of where they came from.
 
     `source` is a local file or folder, a dataset name, or None for WikiText-2 from the hub;
     when None and the hub is unreachable, windows are sampled from the model itself (the
     built-in source ``self``).  A value that can only be a path (see looks_like_path) and
-    does not exist is refused.
+    does not exist is refused.  With `bos` (a model trained to always see it) every text
+    window starts with BOS.
     """
+    tokenize = lambda text: tokenize_text(text, tokenizer, special_tokens=bos is None)  # noqa: E731
+    draw = lambda ids: sample_windows(ids, samples=samples, seqlen=seqlen, seed=seed, bos=bos)  # noqa: E731
     if samples < 1 or seqlen < 2:
         raise SliceGPTError(f"calibration needs at least 1 sample of 2 tokens (got {samples} x {seqlen})")
     if source is not None and Path(source).expanduser().exists():
-        ids = tokenize_text(read_local_text(Path(source).expanduser()), tokenizer)
-        return sample_windows(ids, samples=samples, seqlen=seqlen, seed=seed), str(source)
+        return draw(tokenize(read_local_text(Path(source).expanduser()))), str(source)
     if source is not None and looks_like_path(source):
         raise SliceGPTError(f"calibration text {source}: no such file or folder")
     if source is not None:
@@ -73,11 +76,9 @@ def calibration_ids(
             if "/" not in source:
                 raise
             raise SliceGPTError(f"calibration text {source}: no such file or folder, nor a usable dataset ({exc})") from exc
-        ids = tokenize_text(text, tokenizer)
-        return sample_windows(ids, samples=samples, seqlen=seqlen, seed=seed), source
+        return draw(tokenize(text)), source
     try:
-        ids = tokenize_text(read_hub_dataset(DEFAULT_DATASET), tokenizer)
-        return sample_windows(ids, samples=samples, seqlen=seqlen, seed=seed), DEFAULT_DATASET
+        return draw(tokenize(read_hub_dataset(DEFAULT_DATASET))), DEFAULT_DATASET
     except SliceGPTError as exc:
         logger.warning(
             "no calibration text (%s): calibrating on %d x %d tokens sampled from the model itself, "

@@ -25,9 +25,10 @@ from slicegpt_export.checkpoint import (
     weight_macs_per_token,
 )  # fmt: skip
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
+from slicegpt_export.converter.adapters.base import ATTN_NORM, ATTN_POST_NORM, FINAL_NORM, MLP_NORM, MLP_POST_NORM
 from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
 from slicegpt_export.converter.calibration import calibration_size
-from slicegpt_export.converter.fusion import fuse_norms
+from slicegpt_export.converter.fusion import fuse_norms, post_norm_projections, scale_embeddings
 from slicegpt_export.converter.mixture import DenseWriter, calibration_windows
 from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
 from slicegpt_export.converter.slicing import (
@@ -44,6 +45,7 @@ from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import SlicedModel
 from slicegpt_export.sources.models import SourceModel, load_source
+from slicegpt_export.sources.text import window_bos
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ def check_sparsity(sparsity: float) -> None:
 
 def canonical_tensors(adapter: FamilyAdapter, source: SourceModel, num_layers: int) -> dict[str, torch.Tensor]:
     """Source tensors renamed to the canonical names (a tied head stays the embedding: no lm_head.weight)."""
+    adapter.prepare_source_tensors(source.tensors, num_layers)
     names = dict(adapter.global_tensor_names())
     for i in range(num_layers):
         names.update({c.format(i=i): s.format(i=i) for c, s in adapter.layer_tensor_names().items()})
@@ -72,6 +75,12 @@ def canonical_tensors(adapter: FamilyAdapter, source: SourceModel, num_layers: i
         logger.info("ignoring %d source tensors the family does not use (e.g. %s)", len(source.tensors), next(iter(source.tensors)))
         source.tensors.clear()
     return tensors
+
+
+def fusable_norm_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The residual-stream norms fusion folds away (pre-, post- and final norms); per-head q/k norms stay."""
+    stems = {name.split(".")[-1] for name in (ATTN_NORM, MLP_NORM, ATTN_POST_NORM, MLP_POST_NORM)} | {FINAL_NORM}
+    return [n for n in tensors if n.split(".")[-2] in stems]
 
 
 def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyAdapter]:
@@ -92,10 +101,11 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     }
     if cfg.tied_embeddings:
         tensors["lm_head.proj"] = torch.eye(cfg.hidden_size, dtype=tensors["embed_tokens.weight"].dtype)
-    norm_names = [n for n in tensors if "norm" in n.split(".")[-2]]
-    norms = {n: tensors.pop(n) for n in norm_names}
+    norms = {n: tensors.pop(n) for n in fusable_norm_names(tensors)}
+    tensors.update(post_norm_projections(norms, cfg.num_layers))
     model = build_checked(cfg, tensors)
     fuse_norms(model, norms, norm_kind=adapter.norm_kind)
+    scale_embeddings(model, adapter.embedding_scale())
     cfg.bias = {**cfg.bias, "head": model.lm_head.bias is not None}
     return model, cfg, adapter
 
@@ -293,6 +303,7 @@ def slice_checkpoint(
             seqlen=min(calib_seqlen, cfg.max_position_embeddings),
             seed=seed,
             writer=DenseWriter(fused, source.tokenizer, device=dev, progress=progress),
+            bos=window_bos(source.tokenizer, cfg.bos_windows),
         )
         logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_record["source"])
         eigenvalues = slice_fused(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slicegpt_export.converter.adapters.base import ATTN_NORM, FINAL_NORM, MLP_NORM
+from slicegpt_export.converter.adapters.base import ATTN_NORM, ATTN_POST_NORM, FINAL_NORM, MLP_NORM, MLP_POST_NORM
 from slicegpt_export.modeling import SlicedModel, TiedHead
 
 STAGE_NORMS = (ATTN_NORM, MLP_NORM)  # norm read by a block's first and second residual stage
@@ -60,6 +60,33 @@ def fold_norm_into_tied_head(head: TiedHead, embedding: torch.Tensor, weight: to
 def centering_matrix(width: int, dtype: torch.dtype) -> torch.Tensor:
     """M = I - 1 1^T / D: x @ M subtracts the mean of x's coordinates.  (D, D)"""
     return (torch.eye(width, dtype=torch.float64) - 1.0 / width).to(dtype)
+
+
+def post_norm_projections(norms: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Each post-norm g * y / rms(y) (Gemma 2/3) as its stage's (D, D) post_proj = diag(g), popped from `norms`.
+
+    The branch output y keeps its D coordinates and the norm becomes weightless (see
+    modeling.ResidualStage); slicing then multiplies post_proj by the stage's output basis.
+    """
+    out = {}
+    for i in range(num_layers):
+        for norm, proj in ((ATTN_POST_NORM, "attn_post_proj"), (MLP_POST_NORM, "mlp_post_proj")):
+            weight = norms.pop(f"{norm.format(i=i)}.weight", None)
+            if weight is not None:
+                out[f"layers.{i}.{proj}"] = torch.diag(weight)  # (D, D)
+    return out
+
+
+def scale_embeddings(model: SlicedModel, scale: float) -> None:
+    """Token embeddings times `scale` (Gemma: sqrt(D)): into embed_proj when E is tied to the head, else into E."""
+    if scale == 1.0:
+        return
+    dtype = model.embed_tokens.weight.dtype
+    if model.tied:
+        start = model.embed_proj.double() if model.embed_proj is not None else torch.eye(model.config.hidden_size, dtype=torch.float64)
+        model.embed_proj = (start * scale).to(dtype)  # (D, D)
+    else:
+        model.embed_tokens.weight.data = (model.embed_tokens.weight.data.double() * scale).to(dtype)
 
 
 def fuse_norms(model: SlicedModel, norms: dict[str, torch.Tensor], *, norm_kind: str) -> None:

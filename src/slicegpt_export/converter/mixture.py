@@ -163,7 +163,8 @@ class DenseWriter:
 
 
 def source_windows(
-    spec: CalibrationSpec, tokenizer: Any, *, samples: int, seqlen: int, seed: int, index: int, writer: DenseWriter
+    spec: CalibrationSpec, tokenizer: Any, *, samples: int, seqlen: int, seed: int, index: int, writer: DenseWriter,
+    bos: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(samples, seqlen) windows of the `index`-th source and a record of how they were made.
 
@@ -177,14 +178,17 @@ def source_windows(
         stream, generated = writer.chat_stream(samples * seqlen, seed)
         return stream[: samples * seqlen].view(samples, seqlen), {**record, **generated}
     ids, origin = calibration_ids(spec.source, tokenizer, samples=samples, seqlen=seqlen, seed=seed + index,
-                                  sample_from_model=writer.from_bos)  # fmt: skip
+                                  sample_from_model=writer.from_bos, bos=bos)  # fmt: skip
     return ids, {**record, "source": origin, "seed": seed + index}
 
 
 def calibration_windows(
-    specs: str | list[str] | None, tokenizer: Any, *, samples: int, seqlen: int, seed: int, writer: DenseWriter
+    specs: str | list[str] | None, tokenizer: Any, *, samples: int, seqlen: int, seed: int, writer: DenseWriter,
+    bos: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Calibration windows (samples, seqlen) from one source or a weighted mixture, and the calibration record.
+
+    With `bos` (a model trained to always see it, Gemma) every window of a text source starts with BOS.
 
     The record's ``source`` is what reproduces the windows when given back as `specs` (a
     string for one plain source, else the list of ``SOURCE[:WEIGHT]``); a mixture or a
@@ -196,15 +200,16 @@ def calibration_windows(
     parsed = [parse_spec(t) for t in texts]
     if len(parsed) <= 1 and not any(p.source in BUILTIN_SOURCES for p in parsed):
         source = parsed[0].source if parsed else None  # the protocol's path: exactly today's draw
-        ids, origin = calibration_ids(source, tokenizer, samples=samples, seqlen=seqlen, seed=seed, sample_from_model=writer.from_bos)
-        return ids, {"source": origin}
+        ids, origin = calibration_ids(source, tokenizer, samples=samples, seqlen=seqlen, seed=seed, sample_from_model=writer.from_bos,
+                                      bos=bos)  # fmt: skip
+        return ids, {"source": origin, **({"bos_windows": True} if bos is not None else {})}
     counts = window_counts(samples, [p.weight if p.weight is not None else 1.0 for p in parsed])
     empty = [str(p) for p, n in zip(parsed, counts) if n == 0]
     if empty:
         raise SliceGPTError(f"calibration source {empty[0]} gets no window of {samples}: raise its weight or --calib-samples")
     windows, records = [], []
     for i, (spec, n) in enumerate(zip(parsed, counts)):
-        ids, record = source_windows(spec, tokenizer, samples=n, seqlen=seqlen, seed=seed, index=i, writer=writer)
+        ids, record = source_windows(spec, tokenizer, samples=n, seqlen=seqlen, seed=seed, index=i, writer=writer, bos=bos)
         windows.append(ids)
         records.append(record)
         logger.info("calibration: %d windows from %s", n, record["source"])

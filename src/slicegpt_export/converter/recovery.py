@@ -53,6 +53,7 @@ from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import ResidualStage, SlicedModel
 from slicegpt_export.sources.models import load_source
+from slicegpt_export.sources.text import window_bos
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +372,7 @@ def recover_checkpoint(
         seqlen=min(calib_seqlen or recorded.get("seqlen", 2048), dense_cfg.max_position_embeddings),
         seed=options.seed,
         writer=DenseWriter(teacher, source.tokenizer, device=dev, progress=progress),
+        bos=window_bos(source.tokenizer, cfg.bos_windows),
     )
     result = recover(student, teacher if options.loss == "kl" else None, windows, settings=options, device=dev, progress=progress)
     cfg.recovery = {**result.record(), "data": {**data, "samples": int(windows.shape[0]), "seqlen": int(windows.shape[1])}}

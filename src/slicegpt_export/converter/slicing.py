@@ -106,6 +106,15 @@ def rotate_outputs(linears: list[nn.Linear], basis: torch.Tensor) -> None:
             lin.bias.data = (basis.T @ lin.bias.data.double()).to(lin.bias.dtype)
 
 
+def rotate_stage_outputs(stage: ResidualStage, basis: torch.Tensor) -> None:
+    """The stage writes into basis Q (D x d): its output linears' rows (W <- Q^T W), or a post-norm stage's
+    post_proj <- post_proj Q (its branch keeps D outputs; see modeling.ResidualStage)."""
+    if stage.post_proj is not None:
+        stage.post_proj = (stage.post_proj.double() @ basis).to(stage.post_proj.dtype)  # (D, d)
+    else:
+        rotate_outputs(stage.output_linears(), basis)
+
+
 def rotate_embeddings(model: SlicedModel, basis: torch.Tensor) -> None:
     """Embedding outputs into the first basis Q_0 (D x d_0): E <- E Q_0, or embed_proj <- embed_proj Q_0 when tied."""
     dtype = model.embed_tokens.weight.dtype
@@ -318,12 +327,12 @@ def rotate_and_slice(
                 ys = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)
                 out_basis = basis_for(f"layers.{i}.{stage.shortcut_name}", ys, i + 1)  # (D, d_out)
                 stage.shortcut = (basis.T @ out_basis).to(dtype)  # (d_in, d_out)
-                rotate_outputs(stage.output_linears(), out_basis)
+                rotate_stage_outputs(stage, out_basis)
                 xs = [y @ out_basis.to(dtype) for y in ys]  # (B, T, d_out)
                 basis = out_basis
             else:  # the stage writes back into the basis it read: identity shortcut, not stored
                 stage.shortcut = None
-                rotate_outputs(stage.output_linears(), basis)
+                rotate_stage_outputs(stage, basis)
                 xs = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, d_in)
             stage.d_in, stage.d_out = d_in, basis.shape[1]
             stage_widths.append((stage.d_in, stage.d_out))

@@ -22,7 +22,12 @@ from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.padding import pad_residual_widths
-from slicegpt_export.modeling import rope_frequency_divisors, rope_scaling_kind
+from slicegpt_export.modeling import (
+    longrope_original_context,
+    rope_attention_factor,
+    rope_frequency_divisors,
+    rope_scaling_kind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,21 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
         w.add_string(k, s)
     w.add_bool(spec.GATED_MLP, cfg.gated_mlp)
     w.add_bool(spec.TIED_EMBEDDINGS, cfg.tied_embeddings)
+    w.add_bool(spec.QK_NORM, cfg.qk_norm)
+    w.add_bool(spec.POST_NORMS, cfg.post_norms)
+    for k, value in [(spec.ATTENTION_SCALE, cfg.attention_scale), (spec.ATTN_LOGIT_SOFTCAPPING, cfg.attn_logit_softcap),
+                     (spec.FINAL_LOGIT_SOFTCAPPING, cfg.final_logit_softcap)]:  # fmt: skip
+        if value is not None:
+            w.add_float32(k, value)
+    if cfg.sliding_window is not None and cfg.sliding_layers is not None:
+        w.add_key_value(spec.SLIDING_WINDOW_PATTERN, [bool(f) for f in cfg.sliding_layers], gguf.GGUFValueType.ARRAY,
+                        sub_type=gguf.GGUFValueType.BOOL)  # fmt: skip
+    if cfg.local_rope is not None:
+        w.add_float32(spec.ROPE_FREQ_BASE_SWA, cfg.local_rope.theta)
+    if cfg.bos_windows:
+        w.add_bool(spec.BOS_WINDOWS, True)
+    if cfg.rope_layers is not None:
+        w.add_key_value(spec.ROPE_LAYERS, [bool(f) for f in cfg.rope_layers], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
     for k, flag in [(spec.BIAS_QKV, "qkv"), (spec.BIAS_ATTN_OUT, "attn_out"), (spec.BIAS_MLP, "mlp"), (spec.BIAS_HEAD, "head")]:
         w.add_bool(k, cfg.bias[flag])
     for k, field in [(spec.WIDTH_ATTN_IN, "attn_in"), (spec.WIDTH_ATTN_OUT, "attn_out"), (spec.WIDTH_MLP_IN, "mlp_in"), (spec.WIDTH_MLP_OUT, "mlp_out")]:
@@ -102,9 +122,12 @@ def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
         w.add_uint32(spec.ROPE_DIMENSION_COUNT, cfg.rope.dim)
         scaling = cfg.rope.scaling or {}
         kind = rope_scaling_kind(cfg.rope)
-        w.add_string(spec.ROPE_SCALING_TYPE, "linear" if kind == "linear" else "none")
+        w.add_string(spec.ROPE_SCALING_TYPE, kind if kind in ("linear", "longrope") else "none")
         if kind == "linear":
             w.add_float32(spec.ROPE_SCALING_FACTOR, float(scaling["factor"]))
+        if kind == "longrope":
+            w.add_float32(spec.ROPE_SCALING_ATTN_FACTOR, rope_attention_factor(cfg.rope))
+            w.add_uint32(spec.ROPE_SCALING_ORIG_CTX, longrope_original_context(cfg.rope))
         if kind == "llama3":
             w.add_float32(spec.ROPE_LLAMA3_FACTOR, float(scaling["factor"]))
             w.add_float32(spec.ROPE_LLAMA3_LOW_FREQ_FACTOR, float(scaling["low_freq_factor"]))
@@ -178,7 +201,9 @@ def add_general(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig, file_ty
     carried = {}
     if (checkpoint / GGUF_METADATA_NAME).is_file():
         carried = {k: v["value"] for k, v in json.loads((checkpoint / GGUF_METADATA_NAME).read_text()).items()}
-    basename = carried.get("general.basename", cfg.model_type)
+    # the source's own name where known (a folder or hub id: llama.cpp keys some vocabulary fixes on it, e.g. Phi-3's
+    # end-of-turn tokens), else the family
+    basename = carried.get("general.basename", Path(cfg.source_model).name if cfg.source_model else cfg.model_type)
     w.add_name(f"{carried.get('general.name', basename)} (SliceGPT {cfg.sparsity:g})")
     w.add_basename(basename)
     w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
@@ -228,6 +253,19 @@ def gguf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {spec.gguf_name(name): t.T if spec.is_right_multiplied(name) else t for name, t in tensors.items()}
 
 
+def rope_tensors(cfg: SlicedConfig) -> dict[str, torch.Tensor]:
+    """The per-frequency divisors llama.cpp reads: `rope_freqs` (Llama 3), `rope_factors_long/short` (LongRoPE)."""
+    if cfg.rope is None:
+        return {}
+    kind = rope_scaling_kind(cfg.rope)
+    if kind == "llama3":
+        return {spec.ROPE_FREQS: rope_frequency_divisors(cfg.rope)}
+    if kind == "longrope":
+        factors = lambda which: torch.tensor(cfg.rope.scaling[f"{which}_factor"], dtype=torch.float32)  # noqa: E731
+        return {spec.ROPE_FACTORS_LONG: factors("long"), spec.ROPE_FACTORS_SHORT: factors("short")}
+    return {}
+
+
 def export_gguf(
     *, checkpoint: Path, out: Path, gguf_type: str = "f16", shortcut_type: str = "auto", overwrite: bool = False
 ) -> Path:
@@ -254,8 +292,7 @@ def export_gguf(
         add_hyperparameters(w, cfg)
         add_tokenizer(w, checkpoint, cfg)
         named = gguf_tensors(tensors)
-        if cfg.rope is not None and rope_scaling_kind(cfg.rope) == "llama3":
-            named[spec.ROPE_FREQS] = rope_frequency_divisors(cfg.rope)
+        named.update(rope_tensors(cfg))
         for name, t in tqdm(named.items(), desc="quantizing tensors", unit="tensor", leave=False):
             data, stored = tensor_data(name, t, qtype, shortcut_qtype)
             w.add_tensor(name, data, raw_dtype=stored)

@@ -10,7 +10,9 @@ Optimum and onnxruntime-genai name it:
 Every norm is SliceGPT's RMSNorm over the original width D written as ONNX's fused
 ``RMSNormalization`` over the sliced width d:  x / sqrt(|x|^2 / D + eps)
 = sqrt(D/d) * x / sqrt(mean_d(x^2) + eps * D/d).  Residual projections are MatMul nodes
-named ``layers.N.attn_shortcut`` / ``layers.N.mlp_shortcut``.  Linear weights are stored
+named ``layers.N.attn_shortcut`` / ``layers.N.mlp_shortcut``; a post-norm model's (Gemma) branch
+outputs pass a weightless RMSNorm over D and a MatMul ``layers.N.attn_post_proj`` /
+``layers.N.mlp_post_proj``.  Linear weights are stored
 transposed (in x out), the MatMul layout.  Operators come from the default domain, opset 23
 (Attention with grouped KV heads and a past, RotaryEmbedding, RMSNormalization).
 """
@@ -33,7 +35,7 @@ from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, read_config, read_tensors
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.padding import pad_residual_widths
-from slicegpt_export.modeling import rope_inverse_frequencies
+from slicegpt_export.modeling import layer_is_sliding, longrope_original_context, rope_attention_factor, rope_inverse_frequencies
 from slicegpt_export.onnx_spec import (
     ATTENTION_MASK,
     EXTERNAL_DATA_FILE,
@@ -124,9 +126,9 @@ class DecoderGraph:
             return self.g.op("Relu", [x], name=f"{name}/Relu")
         raise SliceGPTError(f"activation {kind!r} has no ONNX lowering")
 
-    def rope(self, x: str, heads: int, name: str) -> str:
+    def rope(self, x: str, heads: int, name: str, cache: str = "rope") -> str:
         return self.g.op(
-            "RotaryEmbedding", [x, "rope.cos_cache", "rope.sin_cache", POSITION_IDS], name=name,
+            "RotaryEmbedding", [x, f"{cache}.cos_cache", f"{cache}.sin_cache", POSITION_IDS], name=name,
             num_heads=heads, rotary_embedding_dim=self.cfg.rope.dim, interleaved=0,
         )  # fmt: skip
 
@@ -144,17 +146,39 @@ class DecoderGraph:
         sizes = self.g.const_i64(f"{packed}.split", [t.shape[0] for t in weights])
         return self.g.op("Split", [y, sizes], name=f"{packed}/Split", outputs=len(names), axis=-1)
 
-    def attention(self, i: int, h: str, mask: str) -> str:
+    def head_norm(self, x: str, heads: int, name: str) -> str:
+        """The per-head RMSNorm of Qwen3 and Gemma 3 (weight `name`.weight over head_dim): (B, T, heads * hd) -> same shape."""
+        hd = self.cfg.head_dim
+        per_head = self.g.op("Reshape", [x, self.g.const_i64(f"{name}.heads", [0, 0, heads, hd])], name=f"{name}/Reshape")
+        scale = self.g.weight(f"{name}.weight", self.tensors[f"{name}.weight"])
+        normed = self.g.op("RMSNormalization", [per_head, scale], name=name, axis=-1, epsilon=self.cfg.norm_eps)
+        return self.g.op("Reshape", [normed, self.g.const_i64(f"{name}.flat", [0, 0, heads * hd])], name=f"{name}/Flatten")
+
+    def attention(self, i: int, h: str, masks: dict[bool, str]) -> str:
+        """Self-attention of block i on the normed input h; `masks`: the global layers' and the sliding layers' mask."""
         cfg, p = self.cfg, f"layers.{i}."
+        sliding = layer_is_sliding(cfg, i)
         q, k, v = self.packed_linear(h, [p + proj for proj in ("q_proj", "k_proj", "v_proj")], p + "qkv_proj")  # (B, T, heads * hd)
-        if cfg.rope is not None:
-            q, k = self.rope(q, cfg.num_heads, p + "q_rotary"), self.rope(k, cfg.num_kv_heads, p + "k_rotary")
+        if cfg.qk_norm:
+            q, k = self.head_norm(q, cfg.num_heads, p + "q_norm"), self.head_norm(k, cfg.num_kv_heads, p + "k_norm")
+        if cfg.rope is not None and (cfg.rope_layers is None or cfg.rope_layers[i]):
+            cache = "rope_local" if sliding and cfg.local_rope is not None else "rope"
+            q, k = self.rope(q, cfg.num_heads, p + "q_rotary", cache), self.rope(k, cfg.num_kv_heads, p + "k_rotary", cache)
+        attrs = {"softcap": cfg.attn_logit_softcap} if cfg.attn_logit_softcap is not None else {}
         y = self.g.op(
-            "Attention", [q, k, v, mask, past_name(i, "key"), past_name(i, "value")], name=p + "attention",
+            "Attention", [q, k, v, masks[sliding], past_name(i, "key"), past_name(i, "value")], name=p + "attention",
             outputs=[p + "attention/output", present_name(i, "key"), present_name(i, "value")],
-            q_num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
+            q_num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim),
+            **attrs,
         )[0]  # fmt: skip
-        return self.linear(y, p + "o_proj")
+        return self.post_norm(self.linear(y, p + "o_proj"), p + "attn_post_proj")
+
+    def post_norm(self, y: str, name: str) -> str:
+        """A post-norm stage's branch output (B, T, D): weightless RMSNorm over D, then the (D, d_out) `name` (Gemma)."""
+        if name not in self.tensors:
+            return y
+        normed = self.norm(y, self.cfg.hidden_size, f"{name}/norm")
+        return self.g.op("MatMul", [normed, self.g.weight(name, self.tensors[name])], name=name)
 
     def mlp(self, i: int, h: str) -> str:
         p = f"layers.{i}."
@@ -163,7 +187,7 @@ class DecoderGraph:
             hidden = self.g.op("Mul", [self.activation(gate, p + "act"), up], name=p + "gate_mul")
         else:
             hidden = self.activation(self.linear(h, p + "up_proj"), p + "act")
-        return self.linear(hidden, p + "down_proj")
+        return self.post_norm(self.linear(hidden, p + "down_proj"), p + "mlp_post_proj")
 
     def shortcut(self, x: str, i: int, kind: str) -> str:
         """x @ S for the (d_in, d_out) residual projection, a MatMul named layers.N.<kind>."""
@@ -172,33 +196,42 @@ class DecoderGraph:
             return x
         return self.g.op("MatMul", [x, self.g.weight(name, self.tensors[name])], name=name)
 
-    def attention_mask_bias(self) -> str:
+    def attention_masks(self) -> dict[bool, str]:
+        """The mask of global layers (False) and of sliding-window layers (True): one mask unless the model mixes them."""
+        cfg = self.cfg
+        if cfg.sliding_window is None or cfg.sliding_layers is None:
+            mask = self.attention_mask_bias(cfg.sliding_window)
+            return {False: mask, True: mask}
+        return {False: self.attention_mask_bias(None), True: self.attention_mask_bias(cfg.sliding_window, "/mask_local")}
+
+    def attention_mask_bias(self, window: int | None, prefix: str = "/mask") -> str:
         """(B, 1, T, P + T) bool: causal, real keys only, within the sliding window; an empty row may see itself."""
         g = self.g
-        past_len = g.op("Shape", [past_name(0, "key")], name="/mask/past_len", start=2, end=3)  # (1,)
-        new_len = g.op("Shape", [INPUT_IDS], name="/mask/new_len", start=1, end=2)
-        total = g.op("Add", [past_len, new_len], name="/mask/total")
-        zero, one = g.const_i64("/mask/zero", [0]), g.const_i64("/mask/one", [1])
+        n = lambda name: prefix + name[len("/mask"):]  # noqa: E731  (node names under this mask's prefix)
+        past_len = g.op("Shape", [past_name(0, "key")], name=n("/mask/past_len"), start=2, end=3)  # (1,)
+        new_len = g.op("Shape", [INPUT_IDS], name=n("/mask/new_len"), start=1, end=2)
+        total = g.op("Add", [past_len, new_len], name=n("/mask/total"))
+        zero, one = g.const_i64(n("/mask/zero"), [0]), g.const_i64(n("/mask/one"), [1])
         sq = lambda v, n: g.op("Squeeze", [v], name=n)
-        q_pos = g.op("Range", [sq(past_len, "/mask/p0"), sq(total, "/mask/s0"), sq(one, "/mask/o0")], name="/mask/q_range")
-        k_pos = g.op("Range", [sq(zero, "/mask/z1"), sq(total, "/mask/s1"), sq(one, "/mask/o1")], name="/mask/k_range")
-        q_col = g.op("Unsqueeze", [q_pos, g.const_i64("/mask/axis1", [1])], name="/mask/q_col")  # (T, 1)
-        k_row = g.op("Unsqueeze", [k_pos, g.const_i64("/mask/axis0", [0])], name="/mask/k_row")  # (1, S)
-        allowed = g.op("LessOrEqual", [k_row, q_col], name="/mask/causal")  # (T, S)
-        if self.cfg.sliding_window is not None:
-            dist = g.op("Sub", [q_col, k_row], name="/mask/dist")
-            inside = g.op("Less", [dist, g.const_i64("/mask/window", [self.cfg.sliding_window])], name="/mask/in_window")
-            allowed = g.op("And", [allowed, inside], name="/mask/windowed")
-        keep = g.op("Cast", [ATTENTION_MASK], name="/mask/keep", to=TensorProto.BOOL)  # (B, S)
-        keep = g.op("Unsqueeze", [keep, g.const_i64("/mask/axes12", [1, 2])], name="/mask/keep4")  # (B, 1, 1, S)
-        mask = g.op("And", [allowed, keep], name="/mask/and")  # (B, 1, T, S)
+        q_pos = g.op("Range", [sq(past_len, n("/mask/p0")), sq(total, n("/mask/s0")), sq(one, n("/mask/o0"))], name=n("/mask/q_range"))
+        k_pos = g.op("Range", [sq(zero, n("/mask/z1")), sq(total, n("/mask/s1")), sq(one, n("/mask/o1"))], name=n("/mask/k_range"))
+        q_col = g.op("Unsqueeze", [q_pos, g.const_i64(n("/mask/axis1"), [1])], name=n("/mask/q_col"))  # (T, 1)
+        k_row = g.op("Unsqueeze", [k_pos, g.const_i64(n("/mask/axis0"), [0])], name=n("/mask/k_row"))  # (1, S)
+        allowed = g.op("LessOrEqual", [k_row, q_col], name=n("/mask/causal"))  # (T, S)
+        if window is not None:
+            dist = g.op("Sub", [q_col, k_row], name=n("/mask/dist"))
+            inside = g.op("Less", [dist, g.const_i64(n("/mask/window"), [window])], name=n("/mask/in_window"))
+            allowed = g.op("And", [allowed, inside], name=n("/mask/windowed"))
+        keep = g.op("Cast", [ATTENTION_MASK], name=n("/mask/keep"), to=TensorProto.BOOL)  # (B, S)
+        keep = g.op("Unsqueeze", [keep, g.const_i64(n("/mask/axes12"), [1, 2])], name=n("/mask/keep4"))  # (B, 1, 1, S)
+        mask = g.op("And", [allowed, keep], name=n("/mask/and"))  # (B, 1, T, S)
         any_key = g.op(
-            "ReduceMax", [g.op("Cast", [mask], name="/mask/as_int", to=TensorProto.INT32), g.const_i64("/mask/last", [-1])],
-            name="/mask/any", keepdims=1,
+            "ReduceMax", [g.op("Cast", [mask], name=n("/mask/as_int"), to=TensorProto.INT32), g.const_i64(n("/mask/last"), [-1])],
+            name=n("/mask/any"), keepdims=1,
         )  # fmt: skip
-        empty = g.op("Not", [g.op("Cast", [any_key], name="/mask/any_bool", to=TensorProto.BOOL)], name="/mask/empty")
-        diagonal = g.op("Equal", [k_row, q_col], name="/mask/diagonal")
-        return g.op("Or", [mask, g.op("And", [diagonal, empty], name="/mask/self")], name="/mask/final")
+        empty = g.op("Not", [g.op("Cast", [any_key], name=n("/mask/any_bool"), to=TensorProto.BOOL)], name=n("/mask/empty"))
+        diagonal = g.op("Equal", [k_row, q_col], name=n("/mask/diagonal"))
+        return g.op("Or", [mask, g.op("And", [diagonal, empty], name=n("/mask/self"))], name=n("/mask/final"))
 
     # ----- the whole graph -----------------------------------------------------------
     def build(self) -> onnx.ModelProto:
@@ -211,33 +244,66 @@ class DecoderGraph:
             pos = g.op("Gather", [g.weight("embed_positions.weight", self.tensors["embed_positions.weight"]), rows], name="embed_positions")
             x = g.op("Add", [x, pos], name="/embeddings/add")
         if cfg.rope is not None:
-            inv_freq = rope_inverse_frequencies(cfg.rope)  # (r/2,) float64
-            angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv_freq  # (positions, r/2)
-            g.weight("rope.cos_cache", angles.cos())
-            g.weight("rope.sin_cache", angles.sin())
-        mask = self.attention_mask_bias()
+            self.rope_caches()
+        masks = self.attention_masks()
         for i, w in enumerate(cfg.layers):
             g.annotate(x, ["batch_size", "sequence_length", w.attn_in])
             p = f"layers.{i}."
             if cfg.block_kind == "parallel":
                 h = self.norm(x, w.attn_in, p + "norm")
-                branches = g.op("Add", [self.attention(i, h, mask), self.mlp(i, h)], name=p + "branches")
+                branches = g.op("Add", [self.attention(i, h, masks), self.mlp(i, h)], name=p + "branches")
                 x = g.op("Add", [self.shortcut(x, i, "attn_shortcut"), branches], name=p + "residual")
             else:
-                attn = self.attention(i, self.norm(x, w.attn_in, p + "attn_norm"), mask)
+                attn = self.attention(i, self.norm(x, w.attn_in, p + "attn_norm"), masks)
                 x = g.op("Add", [self.shortcut(x, i, "attn_shortcut"), attn], name=p + "attn_residual")
                 g.annotate(x, ["batch_size", "sequence_length", w.attn_out])
                 mlp = self.mlp(i, self.norm(x, w.mlp_in, p + "mlp_norm"))
                 x = g.op("Add", [self.shortcut(x, i, "mlp_shortcut"), mlp], name=p + "mlp_residual")
         g.annotate(x, ["batch_size", "sequence_length", cfg.head_in])
         h = self.norm(x, cfg.head_in, "final_norm")
-        if cfg.tied_embeddings:
-            self.tied_head(h)
-        else:
-            g.op("Identity", [self.linear(h, "lm_head")], name="logits", outputs=[LOGITS])
+        logits = self.tied_head(h) if cfg.tied_embeddings else self.linear(h, "lm_head")  # (B, T, vocab)
+        if cfg.final_logit_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
+            cap = g.weight("final_softcap", np.array(cfg.final_logit_softcap))
+            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], name="/softcap/div")], name="/softcap/tanh"), cap],
+                          name="/softcap/mul")  # fmt: skip
+        g.op("Identity", [logits], name="logits", outputs=[LOGITS])
         return self.model()
 
-    def tied_head(self, h: str) -> None:
+    def rope_caches(self) -> None:
+        """rope.cos_cache and rope.sin_cache (positions, r/2), times LongRoPE's attention factor.
+
+        LongRoPE has two sets: an If node picks the long one when the call's largest position
+        reaches the original context (the reference's rule, transformers'), as onnxruntime-genai's
+        builder switches its caches.
+        """
+        cfg, g = self.cfg, self.g
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None]  # (P, 1)
+        scale = rope_attention_factor(cfg.rope)
+        original = longrope_original_context(cfg.rope)
+        sets = {"": False} if original is None else {"_short": False, "_long": True}
+        for suffix, long in sets.items():
+            angles = positions * rope_inverse_frequencies(cfg.rope, long=long)  # (P, r/2)
+            g.weight(f"rope.cos_cache{suffix}", angles.cos() * scale)
+            g.weight(f"rope.sin_cache{suffix}", angles.sin() * scale)
+        if cfg.local_rope is not None:  # Gemma 3's sliding layers
+            angles = positions * rope_inverse_frequencies(cfg.local_rope)  # (P, r/2)
+            g.weight("rope_local.cos_cache", angles.cos())
+            g.weight("rope_local.sin_cache", angles.sin())
+        if original is None:
+            return
+        largest = g.op("ReduceMax", [POSITION_IDS], name="/rope/largest_position", keepdims=0)  # scalar
+        is_long = g.op("Greater", [largest, g.weight("/rope/last_short", np.array(original - 1, dtype=np.int64), dtype=np.int64)],
+                       name="/rope/is_long")  # fmt: skip
+        half = cfg.rope.dim // 2
+        branch = lambda suffix: helper.make_graph(
+            [helper.make_node("Identity", [f"rope.{kind}_cache{suffix}"], [f"/rope/{kind}{suffix}"]) for kind in ("cos", "sin")],
+            f"rope{suffix}", [],
+            [helper.make_tensor_value_info(f"/rope/{kind}{suffix}", g.elem_type, [cfg.max_position_embeddings, half]) for kind in ("cos", "sin")],
+        )  # fmt: skip
+        g.op("If", [is_long], name="/rope/select", outputs=["rope.cos_cache", "rope.sin_cache"],
+             then_branch=branch("_long"), else_branch=branch("_short"))  # fmt: skip
+
+    def tied_head(self, h: str) -> str:
         """logits = (h @ proj) E^T + b, with the one embedding initializer E (vocab, e) read by a Gemm (transB=1)."""
         cfg, g = self.cfg, self.g
         y = g.op("MatMul", [h, g.weight("lm_head.proj", self.tensors["lm_head.proj"])], name="lm_head/proj")  # (B, T, e)
@@ -249,7 +315,7 @@ class DecoderGraph:
         flat = g.op("Gemm", inputs, name="lm_head/Gemm", transB=1)  # (B*T, vocab)
         shape = g.op("Concat", [g.op("Shape", [INPUT_IDS], name="lm_head/bt"), g.const_i64("lm_head.vocab", [cfg.vocab_size])],
                      name="lm_head/shape", axis=0)  # fmt: skip
-        g.op("Reshape", [flat, shape], name="logits", outputs=[LOGITS])
+        return g.op("Reshape", [flat, shape], name="lm_head/logits")
 
     def model(self) -> onnx.ModelProto:
         cfg, g = self.cfg, self.g

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,15 @@ def pad_dims(t: torch.Tensor, rows: int | None = None, cols: int | None = None) 
     if t.dim() == 1:
         return F.pad(t, (0, (rows or t.shape[0]) - t.shape[0]))
     return F.pad(t, (0, (cols or t.shape[1]) - t.shape[1], 0, (rows or t.shape[0]) - t.shape[0]))
+
+
+def pad_stage_output(pad: Callable[..., None], i: int, linear: str, post_proj: str, width: int, *, post_norms: bool) -> None:
+    """The matrix that writes a stage's output: the output linear's rows, or (post-norms) the post_proj's columns."""
+    if post_norms:  # the linear keeps its D rows (see modeling.ResidualStage)
+        pad(f"layers.{i}.{post_proj}", cols=width)
+    else:
+        pad(f"layers.{i}.{linear}.weight", rows=width)
+        pad(f"layers.{i}.{linear}.bias", rows=width)
 
 
 def pad_residual_widths(
@@ -66,13 +76,11 @@ def pad_residual_widths(
         a_in, a_out, m_in, m_out = p(w.attn_in), p(w.attn_out), p(w.mlp_in), p(w.mlp_out)
         for proj in ("q_proj", "k_proj", "v_proj"):
             pad(f"layers.{i}.{proj}.weight", cols=a_in)
-        pad(f"layers.{i}.o_proj.weight", rows=a_out)
-        pad(f"layers.{i}.o_proj.bias", rows=a_out)
+        pad_stage_output(pad, i, "o_proj", "attn_post_proj", a_out, post_norms=cfg.post_norms)
         pad(f"layers.{i}.attn_shortcut", rows=a_in, cols=a_out)
         for proj in ("gate_proj", "up_proj"):
             pad(f"layers.{i}.{proj}.weight", cols=m_in)
-        pad(f"layers.{i}.down_proj.weight", rows=m_out)
-        pad(f"layers.{i}.down_proj.bias", rows=m_out)
+        pad_stage_output(pad, i, "down_proj", "mlp_post_proj", m_out, post_norms=cfg.post_norms)
         pad(f"layers.{i}.mlp_shortcut", rows=m_in, cols=m_out)
         layers.append(LayerWidths(a_in, a_out, m_in, m_out, w.intermediate))
     logger.info("residual widths padded to multiples of %d (exact: zero coordinates)", multiple)

@@ -25,6 +25,7 @@ def namespace(section: dict) -> SimpleNamespace:
     ns = SimpleNamespace(**section)
     ns.layers = [SimpleNamespace(**w) for w in section["layers"]]
     ns.rope = SimpleNamespace(**section["rope"]) if section.get("rope") else None
+    ns.local_rope = SimpleNamespace(**section["local_rope"]) if section.get("local_rope") else None
     return ns
 
 

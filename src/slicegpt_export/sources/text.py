@@ -62,39 +62,66 @@ def read_hub_dataset(name: str) -> str:
     return "\n\n".join(data["text"])
 
 
-def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:
-    """The whole text tokenized once, as the protocol does; (N,) int64."""
+def tokenize_text(text: str, tokenizer: Any, *, special_tokens: bool = True) -> torch.Tensor:
+    """The whole text tokenized once, as the protocol does (with the tokenizer's own special tokens unless told); (N,) int64."""
     if tokenizer is None:
         raise SliceGPTError("the source model has no tokenizer, so calibration text cannot be tokenized")
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)  # "sequence too long" is expected
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=special_tokens)["input_ids"], dtype=torch.long)
 
 
-def sample_windows(ids: torch.Tensor, *, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+def window_bos(tokenizer: Any, bos_windows: bool) -> int | None:
+    """The BOS id that starts every window of a model trained to always see it (Gemma), else None."""
+    if not bos_windows:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise SliceGPTError("this model starts every window with BOS, but its tokenizer has no bos_token_id")
+    return int(bos)
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """(n, T - 1) text windows behind a BOS column -> (n, T); unchanged when bos is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def sample_windows(ids: torch.Tensor, *, samples: int, seqlen: int, seed: int, bos: int | None = None) -> torch.Tensor:
     """`samples` windows of `seqlen` tokens from the 1-D `ids`, starting at randint(0, N - seqlen + 1).
 
     With a fresh generator seeded `seed` this draws exactly what `torch.manual_seed(seed);
-    torch.randint(0, N - seqlen + 1, (samples,))` draws.  Returns (samples, seqlen) int64.
+    torch.randint(0, N - seqlen + 1, (samples,))` draws.  With `bos` each window is BOS then
+    seqlen - 1 text tokens (drawn the same way for seqlen - 1).  Returns (samples, seqlen) int64.
     """
+    text_len = seqlen - (bos is not None)
     n = ids.numel()
-    if n < seqlen:
-        raise SliceGPTError(f"too little calibration text: {n} tokens, fewer than one sample of {seqlen}")
+    if n < text_len:
+        raise SliceGPTError(f"too little calibration text: {n} tokens, fewer than one sample of {text_len}")
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seqlen + 1, (samples,), generator=generator)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, n - text_len + 1, (samples,), generator=generator)
+    return with_bos(torch.stack([ids[s : s + text_len] for s in starts.tolist()]), bos)
 
 
-def evaluation_windows(ids: torch.Tensor, *, seqlen: int, windows: int | None) -> torch.Tensor:
-    """The first `windows` consecutive windows of `seqlen` tokens (all complete ones when None); (n, seqlen)."""
-    available = ids.numel() // seqlen
+def evaluation_windows(ids: torch.Tensor, *, seqlen: int, windows: int | None, bos: int | None = None) -> torch.Tensor:
+    """The first `windows` consecutive windows of `seqlen` tokens (all complete ones when None); (n, seqlen).
+
+    With `bos` each window is BOS then the next seqlen - 1 text tokens.
+    """
+    text_len = seqlen - (bos is not None)
+    available = ids.numel() // text_len
     if available == 0:
-        raise SliceGPTError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise SliceGPTError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {text_len}")
     n = available if windows is None else min(windows, available)
-    return ids[: n * seqlen].view(n, seqlen)
+    return with_bos(ids[: n * text_len].view(n, text_len), bos)
 
 
-def text_windows(path: Path, tokenizer: Any, *, seqlen: int, windows: int | None) -> torch.Tensor:
-    """The first consecutive windows of a local text file or folder, or of a built-in text (e.g. python-stdlib), tokenized once."""
+def text_windows(path: Path, tokenizer: Any, *, seqlen: int, windows: int | None, bos: int | None = None) -> torch.Tensor:
+    """The first consecutive windows of a local text file or folder, or of a built-in text (e.g. python-stdlib), tokenized once.
+
+    With `bos` (a model trained to always see BOS) the text is tokenized without special tokens and every window starts with BOS.
+    """
     text = builtin_text(path)
     text = read_local_text(Path(path)) if text is None else text
-    return evaluation_windows(tokenize_text(text, tokenizer), seqlen=seqlen, windows=windows)
+    ids = tokenize_text(text, tokenizer, special_tokens=bos is None)
+    return evaluation_windows(ids, seqlen=seqlen, windows=windows, bos=bos)

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 MIN_KV_BYTES = 8 + 8 + 4  # key length, one byte of key, value type
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, one byte, n_dims, one dim, type, offset
 MAX_DIMS = 4
+ROPE_TENSORS = (spec.ROPE_FREQS, spec.ROPE_FACTORS_LONG, spec.ROPE_FACTORS_SHORT)  # not checkpoint tensors
 
 
 class GGUFFormatError(SliceGPTError):
@@ -99,8 +100,8 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
     if arch != spec.ARCH:
         raise GGUFFormatError(f"{meta.path}: architecture {arch!r}, expected {spec.ARCH!r}")
     version = meta.get(spec.SPEC_VERSION_KEY, int)
-    if version != spec.SPEC_VERSION:
-        raise GGUFFormatError(f"{meta.path}: slicegpt spec version {version}, this reader implements {spec.SPEC_VERSION}")
+    if version not in spec.READABLE_SPEC_VERSIONS:
+        raise GGUFFormatError(f"{meta.path}: slicegpt spec version {version}, this reader implements {spec.READABLE_SPEC_VERSIONS}")
     n = meta.get(spec.BLOCK_COUNT, int)
     widths = {k: meta.get(k, list) for k in (spec.WIDTH_ATTN_IN, spec.WIDTH_ATTN_OUT, spec.WIDTH_MLP_IN, spec.WIDTH_MLP_OUT)}
     if any(len(v) != n for v in widths.values()):
@@ -111,10 +112,13 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
     if meta.get(spec.POSITION_EMBEDDING, str) == "rope":
         kind = meta.get(spec.ROPE_SCALING_TYPE, str, "none")
         scaling = None
-        if kind not in ("none", "linear"):
-            raise GGUFFormatError(f"{meta.path}: rope scaling type {kind!r} (the spec allows none and linear)")
+        if kind not in ("none", "linear", "longrope") or (kind == "longrope" and version < 3):
+            raise GGUFFormatError(f"{meta.path}: rope scaling type {kind!r} (spec version {version} allows none, linear{', longrope' if version >= 3 else ''})")
         if kind == "linear":
             scaling = {"rope_type": kind, "factor": meta.get(spec.ROPE_SCALING_FACTOR, float)}
+        if kind == "longrope":  # the factors themselves are tensors, filled in by GGUFModel
+            scaling = {"rope_type": kind, "attention_factor": float(meta.get(spec.ROPE_SCALING_ATTN_FACTOR, float)),
+                       "original_max_position_embeddings": meta.get(spec.ROPE_SCALING_ORIG_CTX, int)}  # fmt: skip
         if meta.get(spec.ROPE_LLAMA3_FACTOR, float, None) is not None:
             scaling = {"rope_type": "llama3", "factor": meta.get(spec.ROPE_LLAMA3_FACTOR, float),
                        "low_freq_factor": meta.get(spec.ROPE_LLAMA3_LOW_FREQ_FACTOR, float),
@@ -145,10 +149,34 @@ def config_from_metadata(meta: Metadata) -> SlicedConfig:
         head_in=meta.get(spec.WIDTH_HEAD_IN, int),
         tied_embeddings=tied,
         tied_width=token_width if tied and token_width != meta.get(spec.EMBEDDING_LENGTH, int) else None,
+        qk_norm=meta.get(spec.QK_NORM, bool) if version >= 3 else False,
+        post_norms=meta.get(spec.POST_NORMS, bool) if version >= 3 else False,
+        attention_scale=optional_float(meta, spec.ATTENTION_SCALE),
+        attn_logit_softcap=optional_float(meta, spec.ATTN_LOGIT_SOFTCAPPING),
+        final_logit_softcap=optional_float(meta, spec.FINAL_LOGIT_SOFTCAPPING),
+        sliding_layers=layer_flags(meta, spec.SLIDING_WINDOW_PATTERN, n),
+        rope_layers=layer_flags(meta, spec.ROPE_LAYERS, n),
+        bos_windows=meta.get(spec.BOS_WINDOWS, bool, False),
+        local_rope=RopeSpec(float(meta.get(spec.ROPE_FREQ_BASE_SWA, float)), rope.dim) if rope and spec.ROPE_FREQ_BASE_SWA in meta.fields else None,
         sparsity=float(meta.get(spec.SPARSITY, float, 0.0)),
     )
     check_config(cfg, meta.path)
     return cfg
+
+
+def optional_float(meta: Metadata, key: str) -> float | None:
+    value = meta.get(key, float, None)
+    return None if value is None else float(value)
+
+
+def layer_flags(meta: Metadata, key: str, n: int) -> list[bool] | None:
+    """One flag per block (which use the sliding window, which rotate); None when the file has no such key (all do)."""
+    values = meta.get(key, list, None)
+    if values is None:
+        return None
+    if len(values) != n:
+        raise GGUFFormatError(f"{meta.path}: {key} must hold block_count = {n} entries")
+    return [bool(v) for v in values]
 
 
 def feed_forward_lengths(meta: Metadata, n: int) -> list[int | None]:
@@ -186,7 +214,7 @@ def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, torch.Tensor]
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:
-            name = t.name if t.name == spec.ROPE_FREQS else spec.checkpoint_name(t.name)
+            name = t.name if t.name in ROPE_TENSORS else spec.checkpoint_name(t.name)
         except (KeyError, ValueError, IndexError):
             raise GGUFFormatError(f"{path}: tensor {t.name!r} is not part of the slicegpt spec") from None
         try:
@@ -213,6 +241,18 @@ def check_rope_freqs(cfg: SlicedConfig, stored: torch.Tensor | None, path: Path)
         raise GGUFFormatError(f"{path}: {spec.ROPE_FREQS} disagrees with the rope.llama3 keys")
 
 
+def attach_longrope_factors(cfg: SlicedConfig, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Move `rope_factors_long/short` into a LongRoPE config; they must come exactly with the longrope keys, r/2 each."""
+    stored = [tensors.pop(n, None) for n in (spec.ROPE_FACTORS_LONG, spec.ROPE_FACTORS_SHORT)]
+    longrope = cfg.rope is not None and rope_scaling_kind(cfg.rope) == "longrope"
+    if not longrope and stored == [None, None]:
+        return
+    if not longrope or any(t is None or t.shape != (cfg.rope.dim // 2,) for t in stored):
+        raise GGUFFormatError(f"{path}: {spec.ROPE_FACTORS_LONG} and {spec.ROPE_FACTORS_SHORT} ([rope dimension / 2] each) "
+                              "must come exactly with rope scaling type longrope")  # fmt: skip
+    cfg.rope.scaling["long_factor"], cfg.rope.scaling["short_factor"] = (t.double().tolist() for t in stored)
+
+
 class GGUFModel:
     """A `slicegpt` GGUF file as a runnable model plus its own tokenizer."""
 
@@ -223,6 +263,7 @@ class GGUFModel:
         self.config = config_from_metadata(self.meta)
         tensors = read_tensors(self.reader, self.path)
         check_rope_freqs(self.config, tensors.pop(spec.ROPE_FREQS, None), self.path)
+        attach_longrope_factors(self.config, tensors, self.path)
         try:
             self.model: SlicedModel = build_model(self.config, tensors)
         except ModelDefinitionError as exc:

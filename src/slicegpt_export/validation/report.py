@@ -17,7 +17,7 @@ from slicegpt_export.atomic import atomic_file
 from slicegpt_export.checkpoint import load_sliced, read_config, read_spectra
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.sources.text import text_windows
+from slicegpt_export.sources.text import text_windows, window_bos
 from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.perplexity import LogitsFn, perplexity
 from slicegpt_export.validation.runners import is_sliced_checkpoint
@@ -105,7 +105,9 @@ def evaluation_ids(checkpoint: Path, text: Path, *, seqlen: int = 512, windows: 
     `seqlen` is capped at the model's context: exported graphs hold rotary tables for that many positions.
     """
     cfg, _ = read_config(checkpoint)
-    return text_windows(Path(text), load_tokenizer(checkpoint), seqlen=min(seqlen, cfg.max_position_embeddings), windows=windows)
+    tokenizer = load_tokenizer(checkpoint)
+    return text_windows(Path(text), tokenizer, seqlen=min(seqlen, cfg.max_position_embeddings), windows=windows,
+                        bos=window_bos(tokenizer, cfg.bos_windows))  # fmt: skip
 
 
 def describe_windows(ids: torch.Tensor, text: Path | Sequence[Path] | None) -> str:

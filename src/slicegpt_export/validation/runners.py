@@ -11,7 +11,7 @@ from slicegpt_export.checkpoint import CONFIG_NAME, SECTION, load_sliced
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.models import dense_model, load_source
-from slicegpt_export.sources.text import evaluation_windows, read_local_text, text_windows
+from slicegpt_export.sources.text import evaluation_windows, read_local_text, text_windows, window_bos
 from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.perplexity import perplexity
 
@@ -41,9 +41,11 @@ def reference_perplexities(
 ) -> dict[str, float]:
     """Perplexity on each text (keyed by the text as given) of a sliced checkpoint, or of a dense source model run by transformers."""
     dev = resolve_device(device)
+    bos_windows = False
     if is_sliced_checkpoint(Path(path)):
         model = load_sliced(path, device=dev)
         tokenizer = load_tokenizer(Path(path))
+        bos_windows = model.config.bos_windows
     else:
         source = load_source(str(path))
         tokenizer = source.tokenizer
@@ -51,7 +53,8 @@ def reference_perplexities(
     if tokenizer is None:
         raise SliceGPTError(f"{path} has no tokenizer to read the evaluation text with")
     return {
-        str(text): perplexity(reference_logits_fn(model, dev), text_windows(text, tokenizer, seqlen=seqlen, windows=windows),
+        str(text): perplexity(reference_logits_fn(model, dev),
+                              text_windows(text, tokenizer, seqlen=seqlen, windows=windows, bos=window_bos(tokenizer, bos_windows)),
                               batch_size=batch_size, progress=True)
         for text in texts
     }  # fmt: skip
@@ -82,8 +85,9 @@ def gguf_perplexities(
     path, dev = Path(path), resolve_device(device)
     model = GGUFModel(path)
     tokens = model.tokenizer().encode(read_local_text(Path(text)), add_special_tokens=False).ids
+    bos = model.meta.get("tokenizer.ggml.bos_token_id", int) if model.config.bos_windows else None  # Gemma: BOS starts every window
     ids = evaluation_windows(torch.tensor(tokens, dtype=torch.long), seqlen=min(seqlen, model.config.max_position_embeddings),
-                             windows=windows)  # fmt: skip
+                             windows=windows, bos=bos)  # fmt: skip
     runner = model.model.to(dev)
     results = [("gguf runner", perplexity(reference_logits_fn(runner, dev), ids, batch_size=batch_size, progress=True,
                                           label=f"gguf runner {path.name}"))]  # fmt: skip

@@ -1,11 +1,12 @@
 // SliceGPT (Ashkboos et al., ICLR 2024): a decoder whose residual stream changes width from
 // block to block and carries a projection ("shortcut") matrix around every residual update.
-// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 2).
+// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 3; version 2 files are read too).
 #include "models.h"
 
 #include <cmath>
 
-static constexpr uint32_t SLICEGPT_SPEC_VERSION = 2;
+static constexpr uint32_t SLICEGPT_SPEC_VERSION = 3;
+static constexpr uint32_t SLICEGPT_OLDEST_SPEC_VERSION = 2;  // 2: no q/k norms, no LongRoPE
 
 // the slicegpt.* keys are read straight from the GGUF metadata, each checked for its type
 static int64_t slicegpt_find_key(const llama_model_loader & ml, const char * name, gguf_type type) {
@@ -27,6 +28,12 @@ static uint32_t slicegpt_get_u32(const llama_model_loader & ml, const char * nam
 
 static bool slicegpt_get_bool(const llama_model_loader & ml, const char * name) {
     return gguf_get_val_bool(ml.metadata, slicegpt_find_key(ml, name, GGUF_TYPE_BOOL));
+}
+
+// an optional f32 key: `fallback` when absent
+static float slicegpt_get_f32_or(const llama_model_loader & ml, const char * name, float fallback) {
+    const std::string key = std::string("slicegpt.") + name;
+    return gguf_find_key(ml.metadata, key.c_str()) < 0 ? fallback : gguf_get_val_f32(ml.metadata, slicegpt_find_key(ml, name, GGUF_TYPE_FLOAT32));
 }
 
 static std::string slicegpt_get_str(const llama_model_loader & ml, const char * name) {
@@ -52,17 +59,25 @@ static llama_model_slicegpt::activation slicegpt_activation_from_string(const st
 
 void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
     const uint32_t version = slicegpt_get_u32(ml, "spec_version");
-    if (version != SLICEGPT_SPEC_VERSION) {
-        throw std::runtime_error(format("slicegpt: spec version %u is not supported (this build reads version %u)", version, SLICEGPT_SPEC_VERSION));
+    if (version < SLICEGPT_OLDEST_SPEC_VERSION || version > SLICEGPT_SPEC_VERSION) {
+        throw std::runtime_error(format("slicegpt: spec version %u is not supported (this build reads versions %u to %u)",
+                                        version, SLICEGPT_OLDEST_SPEC_VERSION, SLICEGPT_SPEC_VERSION));
     }
     ml.get_key(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS, hparams.f_norm_rms_eps);
 
-    // Mistral's sliding window: every layer attends to the last n_swa positions (key within n_swa of the query)
+    // the sliding window: a layer attends to the last n_swa positions (key within n_swa of the query); every layer
+    // (Mistral) unless attention.sliding_window_pattern lists the sliding ones (Gemma, version 3)
     if (ml.get_key(LLM_KV_ATTENTION_SLIDING_WINDOW, hparams.n_swa, false) && hparams.n_swa < hparams.n_ctx_train) {
         hparams.swa_type = LLAMA_SWA_TYPE_STANDARD;
-        hparams.set_swa_pattern(0);
+        load_swa_pattern(ml, 0);
     } else {
         hparams.n_swa = 0;
+    }
+    // sliding layers share the global rope unless rope.freq_base_swa gives them an unscaled one of their own (Gemma 3)
+    hparams.rope_freq_base_train_swa  = hparams.rope_freq_base_train;
+    hparams.rope_freq_scale_train_swa = hparams.rope_freq_scale_train;
+    if (ml.get_key(LLM_KV_ROPE_FREQ_BASE_SWA, hparams.rope_freq_base_train_swa, false)) {
+        hparams.rope_freq_scale_train_swa = 1.0f;
     }
 
     const uint32_t n_layer = hparams.n_layer();
@@ -91,6 +106,28 @@ void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
     bias_attn  = slicegpt_get_bool(ml, "bias.attn_out");
     bias_mlp   = slicegpt_get_bool(ml, "bias.mlp");
     bias_head  = slicegpt_get_bool(ml, "bias.head");
+    qk_norm    = version >= 3 && slicegpt_get_bool(ml, "attention.qk_norm");
+    post_norms = version >= 3 && slicegpt_get_bool(ml, "post_norms");
+    attention_scale = slicegpt_get_f32_or(ml, "attention.scale", 1.0f / sqrtf(float(hparams.n_embd_head_k())));
+    // Gemma 2's soft-capping: of the attention scores (llama.cpp's own attention code), of the logits (below)
+    hparams.attn_soft_cap = ml.get_key(LLM_KV_ATTN_LOGIT_SOFTCAPPING, hparams.f_attn_logit_softcapping, false);
+    final_softcap = slicegpt_get_f32_or(ml, "final_logit_softcapping", 0.0f);
+
+    // which blocks rotate q and k (SmolLM3 leaves some without rope); absent: all of them
+    rope_layers.fill(true);
+    const int64_t rope_layers_id = gguf_find_key(ml.metadata, "slicegpt.rope.layers");
+    if (rope_layers_id >= 0) {
+        if (gguf_get_kv_type(ml.metadata, rope_layers_id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ml.metadata, rope_layers_id) != GGUF_TYPE_BOOL
+                || gguf_get_arr_n(ml.metadata, rope_layers_id) != hparams.n_layer()) {
+            throw std::runtime_error(format("slicegpt: slicegpt.rope.layers must be an array of %u bool", hparams.n_layer()));
+        }
+        const auto * flags = static_cast<const int8_t *>(gguf_get_arr_data(ml.metadata, rope_layers_id));
+        for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+            rope_layers[il] = flags[il] != 0;
+        }
+    }
+    // LongRoPE needs no code here: llama.cpp's loader reads rope.scaling.attn_factor and
+    // rope.scaling.original_context_length for every architecture, and the factors are tensors
 
     // the residual stream is narrower than D: llama.cpp's n_embd is the width of token_embd's rows (what
     // the input path reads: the embedding width, or when tied to the head D or the sliced matrix's width),
@@ -157,8 +194,20 @@ void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
         layer.wq_b = create_tensor(tn(LLM_TENSOR_ATTN_Q,   "bias",   i), {n_embd_q},     bias_qkv_flags);
         layer.wk_b = create_tensor(tn(LLM_TENSOR_ATTN_K,   "bias",   i), {n_embd_k_gqa}, bias_qkv_flags);
         layer.wv_b = create_tensor(tn(LLM_TENSOR_ATTN_V,   "bias",   i), {n_embd_v_gqa}, bias_qkv_flags);
-        layer.wo   = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "weight", i), {n_embd_q, a_out}, 0);
-        layer.wo_b = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "bias",   i), {a_out}, bias_attn_flags);
+        // a post-norm branch writes D wide; its post_proj [D, d_out] takes it into the residual
+        const int64_t attn_rows = post_norms ? n_embd_orig : a_out;
+        const int64_t mlp_rows  = post_norms ? n_embd_orig : m_out;
+        layer.wo   = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "weight", i), {n_embd_q, attn_rows}, 0);
+        layer.wo_b = create_tensor(tn(LLM_TENSOR_ATTN_OUT, "bias",   i), {attn_rows}, bias_attn_flags);
+        if (post_norms) {
+            attn_post_proj[i] = create_tensor(tn(LLM_TENSOR_ATTN_POST_PROJ, "weight", i), {n_embd_orig, a_out}, 0);
+            ffn_post_proj[i]  = create_tensor(tn(LLM_TENSOR_FFN_POST_PROJ,  "weight", i), {n_embd_orig, m_out}, 0);
+        }
+        if (qk_norm) {
+            // act on head_dim after the projections: untouched by slicing, as in llama.cpp's qwen3
+            layer.attn_q_norm = create_tensor(tn(LLM_TENSOR_ATTN_Q_NORM, "weight", i), {n_embd_head_k}, 0);
+            layer.attn_k_norm = create_tensor(tn(LLM_TENSOR_ATTN_K_NORM, "weight", i), {n_embd_head_k}, 0);
+        }
 
         // an absent shortcut is the identity, which only a block that keeps its width can have
         attn_shortcut[i] = create_tensor(tn(LLM_TENSOR_ATTN_SHORTCUT, "weight", i), {a_in, a_out}, a_in == a_out ? TENSOR_NOT_REQUIRED : 0);
@@ -173,12 +222,15 @@ void llama_model_slicegpt::load_arch_tensors(llama_model_loader &) {
         }
         layer.ffn_up     = create_tensor(tn(LLM_TENSOR_FFN_UP,   "weight", i), {m_in, n_ff_l},  0);
         layer.ffn_up_b   = create_tensor(tn(LLM_TENSOR_FFN_UP,   "bias",   i), {n_ff_l},        bias_mlp_flags);
-        layer.ffn_down   = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "weight", i), {n_ff_l, m_out}, 0);
-        layer.ffn_down_b = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "bias",   i), {m_out},       bias_mlp_flags);
+        layer.ffn_down   = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "weight", i), {n_ff_l, mlp_rows}, 0);
+        layer.ffn_down_b = create_tensor(tn(LLM_TENSOR_FFN_DOWN, "bias",   i), {mlp_rows},       bias_mlp_flags);
 
         if (!learned_positions) {
             // Llama 3 rope scaling: per-frequency divisors, as llama.cpp's own Llama files store them
             layer.rope_freqs = create_tensor(tn(LLM_TENSOR_ROPE_FREQS, "weight", i), {n_rot / 2}, TENSOR_NOT_REQUIRED | (i != 0 ? TENSOR_DUPLICATED : 0));
+            // LongRoPE (Phi-3.5, Phi-4-mini): llama.cpp picks long or short by the context size, as for its phi3
+            layer.rope_long  = create_tensor(tn(LLM_TENSOR_ROPE_FACTORS_LONG,  "weight", i), {n_rot / 2}, TENSOR_NOT_REQUIRED | (i != 0 ? TENSOR_DUPLICATED : 0));
+            layer.rope_short = create_tensor(tn(LLM_TENSOR_ROPE_FACTORS_SHORT, "weight", i), {n_rot / 2}, TENSOR_NOT_REQUIRED | (i != 0 ? TENSOR_DUPLICATED : 0));
         }
     }
 }
@@ -199,6 +251,17 @@ ggml_tensor * llama_model_slicegpt::graph::build_norm_orig(ggml_tensor * x, int 
     return cur;
 }
 
+// a post-norm stage's branch output y [D, n_tokens] into the residual: (diag(g) Q_out)^T (y / rms_D(y)) [d_out, n_tokens];
+// y unchanged for other models (post_proj nullptr)
+ggml_tensor * llama_model_slicegpt::graph::build_post_norm(ggml_tensor * post_proj, ggml_tensor * y, int il) const {
+    if (post_proj == nullptr) {
+        return y;
+    }
+    ggml_tensor * cur = build_lora_mm(post_proj, build_norm_orig(y, il));
+    cb(cur, "post_norm", il);
+    return cur;
+}
+
 // the residual path Q_l^T Q_{l+1} (sliced): [d_in, n_tokens] -> [d_out, n_tokens]; identity when absent
 ggml_tensor * llama_model_slicegpt::graph::build_shortcut(ggml_tensor * shortcut, ggml_tensor * x, int il) const {
     if (shortcut == nullptr) {
@@ -215,20 +278,37 @@ ggml_tensor * llama_model_slicegpt::graph::build_self_attn(ggml_tensor * h, ggml
     const int64_t n_embd_head = hparams.n_embd_head_v();
 
     auto [Qcur, Kcur, Vcur] = build_qkv(layer, h, n_embd_head, n_head, n_head_kv, il);  // [hd, H|K, n_tokens]
-    if (!model.learned_positions) {
-        Qcur = ggml_rope_ext(ctx0, Qcur, inp_pos, layer.rope_freqs, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+    if (layer.attn_q_norm) {
+        Qcur = build_norm(Qcur, layer.attn_q_norm, nullptr, LLM_NORM_RMS, il);
+        Kcur = build_norm(Kcur, layer.attn_k_norm, nullptr, LLM_NORM_RMS, il);
+        cb(Qcur, "Qcur_normed", il);
+        cb(Kcur, "Kcur_normed", il);
+    }
+    if (!model.learned_positions && model.rope_layers[il]) {
+        // rope_freqs (Llama 3), LongRoPE's long or short factors, or none
+        ggml_tensor * rope_factors = model.get_rope_factors(cparams, il);
+        // per layer: Gemma 3's sliding layers have a rope base of their own
+        const float freq_base_l  = model.get_rope_freq_base(cparams, il);
+        const float freq_scale_l = model.get_rope_freq_scale(cparams, il);
+        Qcur = ggml_rope_ext(ctx0, Qcur, inp_pos, rope_factors, n_rot, rope_type, n_ctx_orig, freq_base_l, freq_scale_l,
                              ext_factor, attn_factor, beta_fast, beta_slow);
-        Kcur = ggml_rope_ext(ctx0, Kcur, inp_pos, layer.rope_freqs, n_rot, rope_type, n_ctx_orig, freq_base, freq_scale,
+        Kcur = ggml_rope_ext(ctx0, Kcur, inp_pos, rope_factors, n_rot, rope_type, n_ctx_orig, freq_base_l, freq_scale_l,
                              ext_factor, attn_factor, beta_fast, beta_slow);
     }
     cb(Qcur, "Qcur", il);
     cb(Kcur, "Kcur", il);
     cb(Vcur, "Vcur", il);
 
+    // llama.cpp soft-caps the raw q k^T before its kq_scale: with soft-capping (Gemma 2) q carries the scale instead
+    float kq_scale = model.attention_scale;
+    if (hparams.attn_soft_cap) {
+        Qcur = ggml_scale(ctx0, Qcur, model.attention_scale);
+        kq_scale = 1.0f;
+    }
     ggml_tensor * cur = build_attn(inp_attn, layer.wo, layer.wo_b, nullptr, Qcur, Kcur, Vcur, nullptr, nullptr, nullptr,
-                                   1.0f / sqrtf(float(n_embd_head)), il);  // [a_out, n_tokens]
+                                   kq_scale, il);  // [a_out, n_tokens], or [D, n_tokens] before a post-norm
     cb(cur, "attn_out", il);
-    return cur;
+    return build_post_norm(model.attn_post_proj[il], cur, il);  // [a_out, n_tokens]
 }
 
 ggml_tensor * llama_model_slicegpt::graph::build_activation(ggml_tensor * x) const {
@@ -260,12 +340,12 @@ ggml_tensor * llama_model_slicegpt::graph::build_mlp(ggml_tensor * h, int il) co
         : build_activation(up);
     cb(cur, "ffn_act", il);
 
-    cur = build_lora_mm(layer.ffn_down, cur);  // [m_out, n_tokens]
+    cur = build_lora_mm(layer.ffn_down, cur);  // [m_out, n_tokens], or [D, n_tokens] before a post-norm
     if (layer.ffn_down_b) {
         cur = ggml_add(ctx0, cur, layer.ffn_down_b);
     }
     cb(cur, "ffn_out", il);
-    return cur;
+    return build_post_norm(model.ffn_post_proj[il], cur, il);  // [m_out, n_tokens]
 }
 
 template <typename inp_attn_t>
@@ -333,6 +413,9 @@ llama_model_slicegpt::graph::graph(const llama_model & model_in, const llm_graph
     cur = build_lora_mm(model.output, cur);  // [n_vocab, n_tokens]
     if (model.output_b) {
         cur = ggml_add(ctx0, cur, model.output_b);
+    }
+    if (model.final_softcap > 0.0f) {  // Gemma 2: cap * tanh(logits / cap)
+        cur = ggml_scale(ctx0, ggml_tanh(ctx0, ggml_scale(ctx0, cur, 1.0f / model.final_softcap)), model.final_softcap);
     }
     cb(cur, "result_output", -1);
     res->t_logits = cur;

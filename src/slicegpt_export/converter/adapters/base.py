@@ -10,6 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import torch
+
 from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
 from slicegpt_export.errors import SliceGPTError
 
@@ -17,6 +19,9 @@ from slicegpt_export.errors import SliceGPTError
 ATTN_NORM = "layers.{i}.attn_norm"
 MLP_NORM = "layers.{i}.mlp_norm"
 FINAL_NORM = "final_norm"
+#: post-norms on a branch output before it joins the residual (Gemma 2/3); they become post_proj matrices
+ATTN_POST_NORM = "layers.{i}.attn_post_norm"
+MLP_POST_NORM = "layers.{i}.mlp_post_norm"
 
 
 class FamilyAdapter(ABC):
@@ -50,6 +55,14 @@ class FamilyAdapter(ABC):
     def global_tensor_names(self) -> dict[str, str]:
         """Canonical -> source names of the tensors outside the layers (embeddings, final norm, head)."""
 
+    def prepare_source_tensors(self, tensors: dict[str, torch.Tensor], num_layers: int) -> None:
+        """Bring source tensors, in place, to the form layer_tensor_names reads (split a fused qkv_proj, make a norm's
+        effective scale explicit...); nothing by default."""
+
+    def embedding_scale(self) -> float:
+        """The factor the source multiplies token embeddings by (Gemma: sqrt(D)); folded into the embedding side."""
+        return 1.0
+
     @property
     def tied_embeddings(self) -> bool:
         """Whether the source head reuses the token embedding (then it stays tied: the matrix is stored once)."""
@@ -77,6 +90,14 @@ class FamilyAdapter(ABC):
 
 
 _REGISTRY: dict[str, type[FamilyAdapter]] = {}
+#: variants of supported families this tool refuses, by model_type, with the reason
+UNSUPPORTED_VARIANTS = {
+    "qwen3_moe": "Qwen3 MoE (model_type qwen3_moe) is not supported: mixture-of-experts MLPs; dense Qwen3 (qwen3) is",
+    "qwen2_moe": "Qwen2 MoE (model_type qwen2_moe) is not supported: mixture-of-experts MLPs; dense Qwen2 (qwen2) is",
+    "gemma3": "Gemma 3 multimodal (model_type gemma3) is not supported: vision tower; its text model (gemma3_text) is",
+    "phimoe": "Phi-3.5-MoE (model_type phimoe) is not supported: mixture-of-experts MLPs; dense Phi-3 (phi3) is",
+    "phi3small": "Phi-3-small (model_type phi3small) is not supported: blocksparse attention and gegelu MLP; Phi-3 (phi3) is",
+}
 
 
 def register(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
@@ -94,6 +115,8 @@ def supported_model_types() -> list[str]:
 def adapter_for(hf_config: dict[str, Any]) -> FamilyAdapter:
     """The adapter for a Hugging Face config dict, or an error listing the supported model types."""
     model_type = hf_config.get("model_type")
+    if model_type in UNSUPPORTED_VARIANTS:
+        raise SliceGPTError(UNSUPPORTED_VARIANTS[model_type])
     if model_type not in _REGISTRY:
         raise SliceGPTError(
             f"unsupported architecture: model_type {model_type!r} (supported: {', '.join(supported_model_types())})"
