@@ -41,8 +41,12 @@ class Gemma2Adapter(FamilyAdapter):
     model_type = "gemma2"
     qk_norm = False
 
+    def activation_name(self) -> str:
+        """The source's MLP activation (Gemma names it hidden_activation)."""
+        return self.hf.get("hidden_activation") or self.hf.get("hidden_act") or "gelu_pytorch_tanh"
+
     def check_supported(self) -> None:
-        act = self.hf.get("hidden_activation") or self.hf.get("hidden_act") or "gelu_pytorch_tanh"
+        act = self.activation_name()
         if act not in ACTIVATIONS:
             raise SliceGPTError(f"{self.model_type} with hidden_activation {act!r} is not supported ({', '.join(ACTIVATIONS)})")
         if self.hf.get("attention_bias"):
@@ -68,7 +72,6 @@ class Gemma2Adapter(FamilyAdapter):
         window = self.hf.get("sliding_window")
         types = self.layer_types()
         rope, local_rope = self.ropes(head_dim)
-        act = self.hf.get("hidden_activation") or self.hf.get("hidden_act") or "gelu_pytorch_tanh"
         return SlicedConfig(
             model_type=self.model_type,
             hidden_size=D,
@@ -80,7 +83,7 @@ class Gemma2Adapter(FamilyAdapter):
             norm_eps=float(self.hf.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(self.hf.get("max_position_embeddings", 8192)),
             block_kind="sequential",
-            activation=ACTIVATIONS[act],
+            activation=ACTIVATIONS[self.activation_name()],
             gated_mlp=True,
             bias={"qkv": False, "attn_out": False, "mlp": False, "head": False},
             position_embedding="rope",

@@ -26,7 +26,8 @@ class Phi3Adapter(LlamaAdapter):
 
     def check_supported(self) -> None:
         super().check_supported()
-        kind = self.rope_parameters().get("rope_type", self.rope_parameters().get("type", "default"))
+        params = self.rope_parameters()
+        kind = params.get("rope_type", params.get("type", "default"))
         if kind not in ("default", "longrope", "su"):
             raise SliceGPTError(f"phi3 with rope scaling {kind!r} is not supported (default, longrope)")
 
