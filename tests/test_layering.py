@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "slicegpt_export"
 
 #: layer of each top-level module or subpackage of slicegpt_export
 LAYERS = {
-    "errors": "model", "atomic": "model", "device": "model", "checkpoint": "model", "modeling": "model",
+    "errors": "model", "atomic": "model", "tensorio": "model", "device": "model", "checkpoint": "model", "modeling": "model",
     "gguf_spec": "model", "onnx_spec": "model", "hf_remote": "model",
     "sources": "sources",
     "converter": "converter", "exporters": "exporters", "validation": "validation",

@@ -56,18 +56,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import ModelDefinitionError, SlicedModel, build_model
+from slicegpt_export.tensorio import DEFAULT_SHARD_BYTES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, LazyTensors, ShardWriter
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks tied embeddings and the size summary
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SECTION = "slicegpt"
 GGUF_METADATA_NAME = "gguf_metadata.json"  # a GGUF source's tokenizer.* / general.* keys, for GGUF export
 SPECTRA_NAME = "eigenvalues.safetensors"  # the PCA spectrum of every sliced signal (report plots)
@@ -188,11 +186,11 @@ def size_summary(tensors: dict[str, torch.Tensor], cfg: SlicedConfig, *, dense_p
 
 
 def parameter_count(tensors: dict[str, torch.Tensor]) -> int:
-    """Number of stored parameters, counting a tensor shared under two names once."""
+    """Number of stored parameters, counting a tensor shared under two names once (meta tensors: each once)."""
     seen: set[tuple[int, tuple[int, ...]]] = set()
     total = 0
     for t in tensors.values():
-        key = (t.data_ptr(), tuple(t.shape))  # a tied head is the embedding under a second name
+        key = (id(t) if t.is_meta else t.data_ptr(), tuple(t.shape))  # a tied head is the embedding under a second name
         if key not in seen:
             seen.add(key)
             total += t.numel()
@@ -205,17 +203,21 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor],
     config: SlicedConfig,
     base_config: dict[str, Any],
-    max_shard_size: str = "5GB",
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
-    """Write weights and config.json into `directory` (which the caller creates atomically)."""
-    from huggingface_hub import save_torch_state_dict
+    """Write weights (cast to `dtype` when given) and config.json into `directory` (which the caller creates atomically)."""
+    writer = ShardWriter(Path(directory), dtype=dtype, max_shard_bytes=max_shard_bytes)
+    writer.add_all(tensors)
+    writer.close()
+    write_config(directory, config=config, base_config=base_config)
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    save_torch_state_dict(contiguous, directory, max_shard_size=max_shard_size, safe_serialization=True)
+
+def write_config(directory: Path, *, config: SlicedConfig, base_config: dict[str, Any]) -> None:
+    """config.json: the source's Hugging Face config, the remote-code entries and the ``slicegpt`` section."""
     from slicegpt_export.hf_remote import write_remote_code
 
+    directory = Path(directory)
     full = {**base_config, **write_remote_code(directory)}
     full[SECTION] = config.to_dict()
     (directory / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
@@ -283,16 +285,12 @@ def weight_files(directory: Path) -> list[Path]:
 
 def read_tensors(directory: Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Load every tensor of a folder's safetensors files, refusing missing or truncated files."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    tensors[name] = t.to(dtype) if dtype is not None else t
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise SliceGPTError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from exc
-    return tensors
+    return dict(lazy_tensors(directory, dtype=dtype).read_all())
+
+
+def lazy_tensors(directory: Path, *, dtype: torch.dtype | None = None) -> LazyTensors:
+    """The tensors of a folder's safetensors files, read one at a time when asked for (see tensorio)."""
+    return LazyTensors(weight_files(directory), dtype=dtype)
 
 
 def build_checked(cfg: SlicedConfig, tensors: dict[str, torch.Tensor]) -> SlicedModel:

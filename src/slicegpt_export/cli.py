@@ -116,6 +116,33 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def parse_checkpoint_dtype(name: str) -> torch.dtype | None:
+    """--dtype of a written checkpoint: `source` (None) keeps the source's."""
+    return None if name == "source" else parse_dtype(name)
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """argv with `--name VALUE` / `--name=VALUE` taken out."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
+
+
+def relaunch_with_torchrun(nproc: int) -> int:
+    """This command again under torchrun with `nproc` processes on this machine; their exit status."""
+    import subprocess
+
+    argv = without_option(sys.argv[1:], "--nproc")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "slicegpt_export.cli", *argv]
+    return subprocess.run(cmd, check=False).returncode
+
+
 MODEL_HELP = "HF folder, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)."
 CALIB_HELP = "Calibration text: a .txt/.jsonl/.parquet file or folder, or a HF dataset NAME[:CONFIG] (default: WikiText-2 from the hub, else text sampled from the model)."
 SAMPLES_HELP = "Number of calibration windows (default: 64 on CPU, the paper's 128 on CUDA)."
@@ -294,26 +321,41 @@ def slice_command(
     calib_batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 42,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Dtype of the written checkpoint: source (the source's; float32 for a GGUF source), float32, float64, float16 or bfloat16. Slicing computes in float32 either way.")] = "source",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     no_rotate: Annotated[bool, typer.Option("--no-rotate", help="With --sparsity 0: write the fused dense model (no PCA, no shortcuts).")] = False,
     recover: Annotated[int, typer.Option(help=RECOVER_HELP)] = 0,
     recover_loss: Annotated[str, typer.Option(help=RECOVER_LOSS_HELP)] = "kl",
+    in_memory: Annotated[bool, typer.Option("--in-memory", help="Hold the whole model in memory instead of streaming it block by block.")] = False,
+    max_shard_size: Annotated[float, typer.Option(help="Largest safetensors shard written, in GB.")] = 5.0,
+    nproc: Annotated[int, typer.Option(help="Data-parallel calibration: run under torchrun with this many processes (gloo on CPU, NCCL on CUDA).")] = 1,
 ) -> None:
     """Fuse, rotate and slice a model into a sliced checkpoint folder."""
+    from slicegpt_export.converter.distributed import data_parallel, launched_world_size
     from slicegpt_export.converter.recovery import slice_and_recover
+    from slicegpt_export.device import resolve_device
 
+    if nproc < 1:
+        raise SliceGPTError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and launched_world_size() == 1:
+        raise typer.Exit(relaunch_with_torchrun(nproc))
     try:
-        summary, recovery = slice_and_recover(
-            recover_steps=recover, recover_loss=recover_loss, model=model, out=out, sparsity=paper_sparsity(sparsity, target_params), round_to=round_to, slice_head=slice_head,
-            calib=calib_option(calib), calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
-            device=device, dtype=parse_dtype(dtype), overwrite=overwrite, rotate=not no_rotate,
-            **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep),
-        )  # fmt: skip
+        with data_parallel(resolve_device(device)) as dp:
+            if dp is not None and recover:
+                raise SliceGPTError("--recover runs in one process: slice under torchrun first, then `recover` the checkpoint")
+            summary, recovery = slice_and_recover(
+                recover_steps=recover, recover_loss=recover_loss, model=model, out=out, sparsity=paper_sparsity(sparsity, target_params), round_to=round_to, slice_head=slice_head,
+                calib=calib_option(calib), calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
+                device=device, dtype=parse_checkpoint_dtype(dtype), overwrite=overwrite, rotate=not no_rotate, stream=not in_memory,
+                data_parallel=dp, max_shard_bytes=int(max_shard_size * 1e9),
+                **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep),
+            )  # fmt: skip
     except KeyboardInterrupt:
         kept = f"; the existing {out} is unchanged" if out.exists() else ""
         typer.echo(f"error: interrupted while slicing {model or 'the default model'}: nothing was written to {out}{kept}", err=True)
         raise typer.Exit(130) from None
+    if summary.out is None:  # a data-parallel process other than the first: process 0 reports
+        return
     typer.echo(f"sliced checkpoint: {summary.out}")
     typer.echo(f"widths: {describe_widths(summary.config)}")
     typer.echo(f"size: {describe_size(summary.config)}")
@@ -360,18 +402,21 @@ def perplexity_command(
     windows: Annotated[int, typer.Option(help=WINDOWS_HELP)] = 64,
     batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    stream: Annotated[bool, typer.Option("--stream", help="Sliced checkpoint: read one block at a time from its shards (for models larger than memory).")] = False,
 ) -> None:
     """Perplexity on consecutive windows of each text: of a sliced checkpoint, of a slicegpt GGUF file (its own runner,
     and llama.cpp when built), or of a dense source model."""
     from slicegpt_export.validation.runners import gguf_perplexities, is_slicegpt_gguf, reference_perplexities
 
     options = {"seqlen": seqlen, "windows": window_count(windows), "batch_size": batch_size, "device": device}
+    if stream and is_slicegpt_gguf(path):
+        raise SliceGPTError("--stream reads a sliced checkpoint's shards; a GGUF file is read by its own runner")
     if is_slicegpt_gguf(path):
         for one in text:
             for runner, ppl in gguf_perplexities(path, text=one, **options):
                 typer.echo(f"perplexity: {ppl:.4f} ({runner})" if len(text) == 1 else f"perplexity ({one}, {runner}): {ppl:.4f}")
         return
-    ppls = reference_perplexities(path, texts=text, **options)
+    ppls = reference_perplexities(path, texts=text, stream=stream, **options)
     for name, ppl in ppls.items():
         typer.echo(f"perplexity: {ppl:.4f}" if len(ppls) == 1 else f"perplexity ({name}): {ppl:.4f}")
 

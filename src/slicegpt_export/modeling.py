@@ -455,6 +455,27 @@ class SlicedModel(nn.Module):
                 out[name] = getattr(owner, attr)
         return out
 
+    def layer_weights(self, idx: int) -> dict[str, torch.Tensor]:
+        """The tensors of block `idx` under their checkpoint names."""
+        prefix = f"layers.{idx}."
+        return {n: t for n, t in self.named_weights().items() if n.startswith(prefix)}
+
+    def load_layer(self, idx: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Block `idx` rebuilt holding `tensors` (its checkpoint names; assigned, not copied), e.g. one streamed layer."""
+        layer = DecoderLayer(self.config, idx, self.config.layers[idx])
+        prefix = f"layers.{idx}."
+        names = {checkpoint_name(prefix + n): n for n, _ in layer.named_parameters()}
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ModelDefinitionError(f"layer {idx} lacks tensors {missing[:3]}")
+        for name, module_name in names.items():
+            owner, attr = module_name.rsplit(".", 1)
+            setattr(layer.get_submodule(owner), attr, nn.Parameter(tensors[name], requires_grad=False))
+        for stage in layer.stages:
+            stage.shortcut = tensors.get(prefix + stage.shortcut_name)
+            stage.post_proj = tensors.get(prefix + stage.post_proj_name)
+        self.layers[idx] = layer.eval()
+
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Assign checkpoint tensors (no copy), refusing missing, unexpected or mis-shaped ones."""
         expected = {checkpoint_name(n): p for n, p in self.named_parameters()}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import resource
 import time
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +21,25 @@ from slicegpt_export.checkpoint import (
     SlicedConfig,
     build_checked,
     parameter_count,
-    save_checkpoint,
     save_spectra,
     size_summary,
     weight_macs_per_token,
+    write_config,
 )  # fmt: skip
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
-from slicegpt_export.converter.adapters.base import ATTN_NORM, ATTN_POST_NORM, FINAL_NORM, MLP_NORM, MLP_POST_NORM
 from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
 from slicegpt_export.converter.calibration import calibration_size
-from slicegpt_export.converter.fusion import fuse_norms, post_norm_projections, scale_embeddings
-from slicegpt_export.converter.mixture import DenseWriter, calibration_windows
+from slicegpt_export.converter.fusion import fusable_norm_names, fuse_global_norms, fuse_norms, post_norm_projections, scale_embeddings
+from slicegpt_export.converter.distributed import DataParallel
+from slicegpt_export.converter.mixture import BUILTIN_SOURCES, DenseWriter, calibration_windows, parse_spec
+from slicegpt_export.converter.streaming import StreamedLayers
 from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
     CalibrationBatch,
+    LayerFeed,
+    SumReduce,
+    no_reduce,
     dense_spectra,
     rotate_and_slice,
     slice_tied_matrix,
@@ -44,10 +50,14 @@ from slicegpt_export.converter.slicing import (
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import SlicedModel
-from slicegpt_export.sources.models import SourceModel, load_source
+from slicegpt_export.sources.models import SourceModel, load_source, source_dtype
+from slicegpt_export.tensorio import DEFAULT_SHARD_BYTES, LazyTensors, ShardWriter
 from slicegpt_export.sources.text import window_bos
 
 logger = logging.getLogger(__name__)
+
+#: folds norms (canonical name -> tensor) into a model: fusion.fuse_norms, or fuse_global_norms when blocks stream
+NormFusion = Callable[..., None]
 
 #: rotation scheme of budget slicing (measured in bench/pareto.py: one shortcut per block is smaller at equal quality)
 DEFAULT_BUDGET_ROTATION = "block"
@@ -61,30 +71,36 @@ def check_sparsity(sparsity: float) -> None:
         raise SliceGPTError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
-def canonical_tensors(adapter: FamilyAdapter, source: SourceModel, num_layers: int) -> dict[str, torch.Tensor]:
-    """Source tensors renamed to the canonical names (a tied head stays the embedding: no lm_head.weight)."""
-    adapter.prepare_source_tensors(source.tensors, num_layers)
+def canonical_names(adapter: FamilyAdapter, num_layers: int) -> dict[str, str]:
+    """Canonical -> source names of every tensor the family reads (a tied head stays the embedding: no lm_head.weight)."""
     names = dict(adapter.global_tensor_names())
     for i in range(num_layers):
         names.update({c.format(i=i): s.format(i=i) for c, s in adapter.layer_tensor_names().items()})
-    missing = [s for s in names.values() if s not in source.tensors]
+    return names
+
+
+def canonical_tensors(
+    adapter: FamilyAdapter, source: MutableMapping[str, torch.Tensor], num_layers: int, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Source tensors taken out of `source`, renamed to the canonical names and cast to `dtype` (None: as they come)."""
+    adapter.prepare_source_tensors(source, num_layers)
+    names = canonical_names(adapter, num_layers)
+    missing = [s for s in names.values() if s not in source]
     if missing:
         raise SliceGPTError(f"source model lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    tensors = {c: source.tensors.pop(s) for c, s in names.items()}  # moved, not copied
-    if source.tensors:
-        logger.info("ignoring %d source tensors the family does not use (e.g. %s)", len(source.tensors), next(iter(source.tensors)))
-        source.tensors.clear()
+    tensors = {c: cast(source.pop(s), dtype) for c, s in names.items()}  # moved, not copied
+    if source:
+        logger.info("ignoring %d source tensors the family does not use (e.g. %s)", len(source), next(iter(source)))
+        source.clear()
     return tensors
 
 
-def fusable_norm_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The residual-stream norms fusion folds away (pre-, post- and final norms); per-head q/k norms stay."""
-    stems = {name.split(".")[-1] for name in (ATTN_NORM, MLP_NORM, ATTN_POST_NORM, MLP_POST_NORM)} | {FINAL_NORM}
-    return [n for n in tensors if n.split(".")[-2] in stems]
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
-def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyAdapter]:
-    """The source as a reference model with every norm folded away (dense widths, no shortcuts).
+def fused_model(source: SourceModel, *, dtype: torch.dtype | None = None) -> tuple[SlicedModel, SlicedConfig, FamilyAdapter]:
+    """The source as a reference model with every norm folded away (dense widths, no shortcuts), in `dtype`.
 
     The source's tensors move into the model (``source.tensors`` is emptied), so host memory
     holds one copy of the weights.  A tied source stays tied: its head starts as proj = I (D x D)
@@ -93,8 +109,40 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     """
     adapter = adapter_for(source.hf_config)
     cfg = adapter.dense_config()
+    tensors = canonical_tensors(adapter, source.tensors, cfg.num_layers, dtype)
+    return fused_from(adapter, cfg, tensors, fuse=fuse_norms), cfg, adapter
+
+
+def streamed_fused_model(source: SourceModel, *, dtype: torch.dtype) -> tuple[SlicedModel, SlicedConfig, FamilyAdapter]:
+    """fused_model with only what lies outside the blocks read (and fused): every block is a meta placeholder.
+
+    The blocks are read, fused and sliced one at a time later (converter/streaming.py); their
+    shapes, from the file headers, give the dense size beforehand.
+    """
+    adapter = adapter_for(source.hf_config)
+    cfg = adapter.dense_config()
+    planned = meta_tensors(source.tensors)
+    tensors = canonical_tensors(adapter, planned, cfg.num_layers)  # meta: nothing read
+    names = {c: s for c, s in adapter.global_tensor_names().items() if c in tensors}
+    outside = {s: source.tensors.pop(s) for s in names.values()}  # read now
+    adapter.prepare_source_tensors(outside, cfg.num_layers)
+    tensors.update({c: cast(outside[s], dtype) for c, s in names.items()})
+    return fused_from(adapter, cfg, tensors, fuse=fuse_global_norms), cfg, adapter
+
+
+def meta_tensors(tensors: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Empty meta tensors of the same names, shapes and dtypes (a lazy source answers from its file headers)."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.meta()
+    return {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in tensors.items()}
+
+
+def fused_from(adapter: FamilyAdapter, cfg: SlicedConfig, tensors: dict[str, torch.Tensor], *, fuse: NormFusion) -> SlicedModel:
+    """The model holding `tensors`, its norms taken out and folded in by `fuse`, then the embedding scale.
+
+    Records the dense size in ``cfg.size`` and whether the head has a bias.
+    """
     cfg.tied_embeddings = adapter.tied_embeddings
-    tensors = canonical_tensors(adapter, source, cfg.num_layers)
     cfg.size = {
         "dense_parameters": parameter_count(tensors),
         "dense_macs_per_token": weight_macs_per_token(tensors, tied_embeddings=cfg.tied_embeddings),
@@ -104,10 +152,10 @@ def fused_model(source: SourceModel) -> tuple[SlicedModel, SlicedConfig, FamilyA
     norms = {n: tensors.pop(n) for n in fusable_norm_names(tensors)}
     tensors.update(post_norm_projections(norms, cfg.num_layers))
     model = build_checked(cfg, tensors)
-    fuse_norms(model, norms, norm_kind=adapter.norm_kind)
+    fuse(model, norms, norm_kind=adapter.norm_kind)
     scale_embeddings(model, adapter.embedding_scale())
     cfg.bias = {**cfg.bias, "head": model.lm_head.bias is not None}
-    return model, cfg, adapter
+    return model
 
 
 def calibration_batches(ids: torch.Tensor, batch_size: int, device: torch.device) -> list[CalibrationBatch]:
@@ -199,6 +247,8 @@ def slice_fused(
     batch_size: int = 8,
     progress: bool = False,
     rotate: bool = True,
+    feed: LayerFeed | None = None,
+    reduce: SumReduce = no_reduce,
 ) -> dict[str, list[float]]:
     """Rotate and slice a fused model in place on the calibration windows `calib` (n, T).
 
@@ -209,7 +259,8 @@ def slice_fused(
     default: all for ``sparsity``, DEFAULT_BUDGET_FFN_KEEP for budgets);
     ``embed_keep`` < 1 slices a tied embedding matrix to that fraction of its D columns (slicing.py).
     Records widths and choices in `cfg`; returns the eigenvalues of every PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
-    shortcuts, the plain dense model in the sliced-checkpoint format.
+    shortcuts, the plain dense model in the sliced-checkpoint format.  `feed` and `reduce` as
+    slicing.rotate_and_slice (streamed blocks; covariances summed over data-parallel processes).
     """
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
@@ -238,10 +289,10 @@ def slice_fused(
                          progress=progress)  # fmt: skip
     bar = tqdm(total=cfg.num_layers, desc="slicing layers", unit="layer", disable=not progress)
     result = rotate_and_slice(model, batches, widths=widths, rotation=rotation, intermediates=intermediates, device=device,
-                              on_layer=lambda i: bar.update(1))  # fmt: skip
+                              on_layer=lambda i: bar.update(1), feed=feed, reduce=reduce)  # fmt: skip
     bar.close()
     if tied_width is not None:
-        slice_tied_matrix(model, tied_matrix_basis(model, result.head_inputs, batches, tied_width))
+        slice_tied_matrix(model, tied_matrix_basis(model, result.head_inputs, batches, tied_width, reduce))
     cfg.embedding_width, cfg.layers, cfg.head_in = result.embedding_width, result.layers, result.head_in
     cfg.sparsity = sparsity if target_params is None else 1 - sum(widths[:-1]) / (len(widths) - 1) / cfg.hidden_size
     cfg.round_to = round_to
@@ -255,6 +306,25 @@ def slice_source(source: SourceModel, calib: torch.Tensor, **options: Any) -> tu
     model, cfg, _ = fused_model(source)
     slice_fused(model, cfg, calib, **options)
     return model, cfg
+
+
+def streaming_obstacle(*, calib: str | list[str] | None, rotation: str, target_params: float | None, allocation: str, rotate: bool) -> str | None:
+    """Why these options need the whole model in memory (None: the blocks can stream)."""
+    texts = [calib] if isinstance(calib, str) else list(calib or [])
+    if not texts or any(parse_spec(t).source in BUILTIN_SOURCES for t in texts):
+        return "calibration text generated by the dense model (`self`, `self-chat`, or no --calib) needs the whole model"
+    if rotation == "global":
+        return "global rotation takes one PCA over every signal of the dense model first"
+    if target_params is not None and allocation != "uniform":
+        return f"the {allocation} allocation measures the dense model before slicing"
+    if not rotate:
+        return "--no-rotate copies the dense model"
+    return None
+
+
+def compute_dtype(stored: torch.dtype) -> torch.dtype:
+    """Slicing computes in float32 (float64 for a float64 source); PCA and rotations in float64 regardless."""
+    return torch.float64 if stored == torch.float64 else torch.float32
 
 
 def slice_checkpoint(
@@ -275,27 +345,46 @@ def slice_checkpoint(
     calib_batch_size: int = 8,
     seed: int = 42,
     device: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
     rotate: bool = True,
+    stream: bool = True,
+    data_parallel: DataParallel | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> SliceSummary:
     """Slice `model` and write a sliced checkpoint folder to `out` atomically (options as slice_fused).
 
     `calib` is one source or a list of ``SOURCE[:WEIGHT]`` mixed by weight (see converter.mixture);
     the built-in sources ``self`` and ``self-chat`` are written by the fused dense model (cached).
     `calib_samples` x `calib_seqlen` default to what suits the device (calibration_size).
+    `dtype` is the written checkpoint's (None: the source's; a GGUF source dequantizes to float32).
+
+    With `stream` (and options that allow it, see streaming_obstacle) the source is read, sliced
+    and written one block at a time (converter/streaming.py); otherwise it is held whole.  With
+    `data_parallel` (a torchrun process, see converter.distributed) this process calibrates on its
+    share of the windows, sums are all-reduced, and only process 0 writes `out`.
     """
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
     if round_to < 1:
         raise SliceGPTError(f"--round-to must be a positive integer, got {round_to}")
-    dev = resolve_device(device)
+    dev = data_parallel.device if data_parallel is not None else resolve_device(device)
     calib_samples, calib_seqlen = calibration_size(calib_samples, calib_seqlen, dev)
+    obstacle = streaming_obstacle(calib=calib, rotation=rotation or ("stage" if target_params is None else DEFAULT_BUDGET_ROTATION),
+                                  target_params=target_params, allocation=allocation, rotate=rotate)  # fmt: skip
+    if data_parallel is not None and obstacle is not None:
+        raise SliceGPTError(f"data-parallel calibration streams the blocks, but {obstacle}")
+    streamed = stream and obstacle is None
+    if stream and not streamed:
+        logger.info("converting in memory: %s", obstacle)
+    writes = data_parallel is None or data_parallel.writes
     start = time.perf_counter()
-    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        source = load_source(model, dtype=dtype)
-        fused, cfg, _ = fused_model(source)
+    with atomic_directory(Path(out), overwrite=overwrite) if writes else contextlib.nullcontext(None) as tmp:
+        source = load_source(model, dtype=None)
+        stored = source_dtype(source)
+        work_dtype = compute_dtype(stored)
+        fused, cfg, adapter = (streamed_fused_model if streamed else fused_model)(source, dtype=work_dtype)
         ids, calib_record = calibration_windows(
             calib,
             source.tokenizer,
@@ -306,10 +395,15 @@ def slice_checkpoint(
             bos=window_bos(source.tokenizer, cfg.bos_windows),
         )
         logger.info("calibration: %d x %d tokens from %s", ids.shape[0], ids.shape[1], calib_record["source"])
+        shards = ShardWriter(tmp, dtype=dtype or stored, max_shard_bytes=max_shard_bytes) if tmp is not None else None
+        feed = None
+        if streamed:
+            sink = shards.add_all if shards is not None else None
+            feed = StreamedLayers(fused, source.tensors, adapter, dtype=work_dtype, device=dev, sink=sink)
         eigenvalues = slice_fused(
             fused,
             cfg,
-            ids,
+            data_parallel.share(ids) if data_parallel is not None else ids,
             sparsity=sparsity,
             target_params=target_params,
             rotation=rotation,
@@ -320,8 +414,10 @@ def slice_checkpoint(
             slice_head=slice_head,
             device=dev,
             batch_size=calib_batch_size,
-            progress=progress,
+            progress=progress and writes,
             rotate=rotate,
+            feed=feed,
+            reduce=data_parallel.all_reduce if data_parallel is not None else no_reduce,
         )
         cfg.source_model = source.origin
         cfg.calibration = {
@@ -330,16 +426,21 @@ def slice_checkpoint(
             "seqlen": int(ids.shape[1]),
             "seed": seed,
             "batch_size": calib_batch_size,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(work_dtype).removeprefix("torch."),
+            "world_size": data_parallel.world_size if data_parallel is not None else 1,
         }
-        tensors = fused.named_weights()
-        cfg.size = size_summary(tensors, cfg, dense_parameters=cfg.size["dense_parameters"], dense_macs=cfg.size["dense_macs_per_token"])
-        save_checkpoint(tmp, tensors=tensors, config=cfg, base_config=source.hf_config)
-        save_spectra(tmp, eigenvalues)
-        if source.tokenizer is not None:
-            source.tokenizer.save_pretrained(str(tmp))
-        if source.gguf_metadata:
-            (tmp / GGUF_METADATA_NAME).write_text(json.dumps(source.gguf_metadata))
+        if shards is not None:
+            remaining = {n: t for n, t in fused.named_weights().items() if not (streamed and n.startswith("layers."))}
+            shards.add_all(remaining)
+            written = shards.close()
+            cfg.size = size_summary(written, cfg, dense_parameters=cfg.size["dense_parameters"], dense_macs=cfg.size["dense_macs_per_token"])
+            write_config(tmp, config=cfg, base_config=source.hf_config)
+            save_spectra(tmp, eigenvalues)
+            if source.tokenizer is not None:
+                source.tokenizer.save_pretrained(str(tmp))
+            if source.gguf_metadata:
+                (tmp / GGUF_METADATA_NAME).write_text(json.dumps(source.gguf_metadata))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return SliceSummary(cfg, cfg.size["dense_parameters"], cfg.size["parameters"], seconds, peak, Path(out))
+    params = cfg.size.get("parameters", 0)
+    return SliceSummary(cfg, cfg.size["dense_parameters"], params, seconds, peak, Path(out) if writes else None)

@@ -16,9 +16,15 @@ import torch
 from torch import nn
 
 from slicegpt_export.converter.adapters.base import ATTN_NORM, ATTN_POST_NORM, FINAL_NORM, MLP_NORM, MLP_POST_NORM
-from slicegpt_export.modeling import SlicedModel, TiedHead
+from slicegpt_export.modeling import DecoderLayer, SlicedModel, TiedHead
 
 STAGE_NORMS = (ATTN_NORM, MLP_NORM)  # norm read by a block's first and second residual stage
+
+
+def fusable_norm_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The residual-stream norms fusion folds away (pre-, post- and final norms); per-head q/k norms stay."""
+    stems = {name.split(".")[-1] for name in (ATTN_NORM, MLP_NORM, ATTN_POST_NORM, MLP_POST_NORM)} | {FINAL_NORM}
+    return [n for n in tensors if n.split(".")[-2] in stems]
 
 
 def fold_norm(linears: list[nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -95,6 +101,19 @@ def fuse_norms(model: SlicedModel, norms: dict[str, torch.Tensor], *, norm_kind:
     A tied embedding E is read by the head too, so it is never modified: its centering goes
     into ``embed_proj`` (= M) and the final norm into the tied head's ``proj``.
     """
+    fuse_global_norms(model, norms, norm_kind=norm_kind)
+    for i, layer in enumerate(model.layers):
+        fuse_layer_norms(layer, i, norms, norm_kind=norm_kind)
+
+
+def check_norm_kind(norm_kind: str) -> None:
+    if norm_kind not in ("rms", "layer"):
+        raise ValueError(f"unknown norm kind {norm_kind!r}")
+
+
+def fuse_global_norms(model: SlicedModel, norms: dict[str, torch.Tensor], *, norm_kind: str) -> None:
+    """The embedding's centering (LayerNorm families) and the final norm into the head: everything outside the blocks."""
+    check_norm_kind(norm_kind)
     if norm_kind == "layer":
         if model.tied:
             model.embed_proj = centering_matrix(model.config.hidden_size, model.embed_tokens.weight.dtype)
@@ -102,18 +121,20 @@ def fuse_norms(model: SlicedModel, norms: dict[str, torch.Tensor], *, norm_kind:
             model.embed_tokens.weight.data = center_rows(model.embed_tokens.weight.data)
         if model.embed_positions is not None:
             model.embed_positions.weight.data = center_rows(model.embed_positions.weight.data)
-        for layer in model.layers:
-            for stage in layer.stages:
-                for lin in stage.output_linears():
-                    center_output_linear(lin)
-    elif norm_kind != "rms":
-        raise ValueError(f"unknown norm kind {norm_kind!r}")
-    for i, layer in enumerate(model.layers):
-        for stage, norm_name in zip(layer.stages, STAGE_NORMS):
-            name = norm_name.format(i=i)
-            fold_norm(stage.input_linears(), norms[f"{name}.weight"], norms.get(f"{name}.bias"))
     final_weight, final_bias = norms[f"{FINAL_NORM}.weight"], norms.get(f"{FINAL_NORM}.bias")
     if model.tied:
         fold_norm_into_tied_head(model.lm_head, model.embed_tokens.weight.data, final_weight, final_bias)
     else:
         fold_norm([model.lm_head], final_weight, final_bias)
+
+
+def fuse_layer_norms(layer: DecoderLayer, idx: int, norms: dict[str, torch.Tensor], *, norm_kind: str) -> None:
+    """Block `idx`'s pre-norms into the linears that read them; LayerNorm families also center what the block writes."""
+    check_norm_kind(norm_kind)
+    if norm_kind == "layer":
+        for stage in layer.stages:
+            for lin in stage.output_linears():
+                center_output_linear(lin)
+    for stage, norm_name in zip(layer.stages, STAGE_NORMS):
+        name = norm_name.format(i=idx)
+        fold_norm(stage.input_linears(), norms[f"{name}.weight"], norms.get(f"{name}.bias"))

@@ -37,4 +37,13 @@ def principal_components(cov: torch.Tensor, damping: float = DAMPING) -> tuple[t
     damped.diagonal().add_(shift)
     eigenvalues, eigenvectors = torch.linalg.eigh(damped)  # ascending
     order = torch.argsort(eigenvalues, descending=True)
-    return eigenvalues[order] - shift, eigenvectors[:, order]
+    Q = eigenvectors[:, order]  # (D, D)
+    return eigenvalues[order] - shift, Q * column_signs(Q)
+
+
+def column_signs(Q: torch.Tensor) -> torch.Tensor:
+    """+-1 per column making each column's largest-magnitude entry positive: an eigenvector's sign is arbitrary,
+    and fixing it makes the rotation the same whichever way rounding went (e.g. covariances summed across processes)."""
+    rows = Q.abs().argmax(dim=0)  # (D,)
+    signs = torch.sign(Q[rows, torch.arange(Q.shape[1], device=Q.device)])
+    return torch.where(signs == 0, torch.ones_like(signs), signs)  # (D,)

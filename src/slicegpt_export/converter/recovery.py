@@ -42,6 +42,7 @@ from slicegpt_export.checkpoint import (
     CONFIG_NAME,
     SECTION,
     build_checked,
+    lazy_tensors,
     read_config,
     read_tensors,
     save_checkpoint,
@@ -362,9 +363,12 @@ def recover_checkpoint(
     dev = resolve_device(device)
     if not cfg.source_model:
         raise SliceGPTError(f"{checkpoint} does not record its dense source model, which recovery needs as teacher")
-    source = load_source(cfg.source_model, dtype=getattr(torch, recorded.get("dtype", "float32")))
+    work_dtype = getattr(torch, recorded.get("dtype", "float32"))
+    source = load_source(cfg.source_model, dtype=work_dtype)
     teacher, dense_cfg, _ = fused_model(source)
-    student = build_checked(cfg, read_tensors(checkpoint))
+    stored = lazy_tensors(checkpoint)
+    stored_dtype = stored.stored_dtype(next(iter(stored)))  # the checkpoint's own dtype, kept on writing
+    student = build_checked(cfg, read_tensors(checkpoint, dtype=work_dtype))
     windows, data = calibration_windows(
         calib if calib is not None else recorded.get("source"),
         source.tokenizer,
@@ -380,7 +384,8 @@ def recover_checkpoint(
         cfg.recovery["data"] = "calibration"  # the checkpoint's own calibration windows
     with atomic_directory(Path(out), overwrite=overwrite or Path(out).resolve() == checkpoint.resolve()) as tmp:
         copy_side_files(checkpoint, tmp)
-        save_checkpoint(tmp, tensors=student.named_weights(), config=cfg, base_config={k: v for k, v in full.items() if k != SECTION})
+        save_checkpoint(tmp, tensors=student.named_weights(), config=cfg, base_config={k: v for k, v in full.items() if k != SECTION},
+                        dtype=stored_dtype)  # fmt: skip
     return result
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -38,11 +39,43 @@ from torch import nn
 from slicegpt_export.checkpoint import LayerWidths
 from slicegpt_export.converter.ffn import GramAccumulator, prune_mlp
 from slicegpt_export.converter.pca import CovarianceAccumulator, principal_components
-from slicegpt_export.modeling import MLP, AttentionContext, ResidualStage, SlicedModel, rms_norm
+from slicegpt_export.modeling import MLP, AttentionContext, DecoderLayer, ResidualStage, SlicedModel, rms_norm
 
 logger = logging.getLogger(__name__)
 
 ROTATIONS = ("stage", "block", "global")
+
+#: sums a tensor over the processes of a data-parallel run, in place (identity in a single process)
+SumReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class LayerFeed(Protocol):
+    """Where rotate_and_slice takes each block from and hands it back to (see ResidentLayers, converter/streaming.py)."""
+
+    def layer(self, idx: int) -> DecoderLayer:
+        """Block `idx` of the fused model, in host memory (read and fused on first use)."""
+        ...
+
+    def release(self, idx: int) -> None:
+        """Block `idx` is sliced: keep it, or write it out and drop it."""
+        ...
+
+
+class ResidentLayers:
+    """The model's own blocks, all held in host memory: nothing to read and nothing to write."""
+
+    def __init__(self, model: SlicedModel) -> None:
+        self.model = model
+
+    def layer(self, idx: int) -> DecoderLayer:
+        return self.model.layers[idx]
+
+    def release(self, idx: int) -> None:
+        pass
 
 
 def sliced_width(hidden_size: int, sparsity: float, round_to: int) -> int:
@@ -136,17 +169,19 @@ def rotate_head_input(model: SlicedModel, basis: torch.Tensor) -> None:
         rotate_inputs([model.lm_head], basis)
 
 
-def covariance(signal_batches: list[list[torch.Tensor]], batches: list[CalibrationBatch]) -> torch.Tensor:
-    """sum over signals and batches of X^T X (padding rows excluded); (D, D) float64."""
+def covariance(signal_batches: list[list[torch.Tensor]], batches: list[CalibrationBatch], reduce: SumReduce = no_reduce) -> torch.Tensor:
+    """sum over signals, batches (and processes) of X^T X (padding rows excluded); (D, D) float64."""
     acc = CovarianceAccumulator(signal_batches[0][0].shape[-1], signal_batches[0][0].device)
     for signals in signal_batches:
         for y, batch in zip(signals, batches):
             acc.add(y, batch.mask)
-    return acc.cov
+    return reduce(acc.cov)
 
 
 @torch.no_grad()
-def tied_matrix_basis(model: SlicedModel, head_inputs: list[torch.Tensor], batches: list[CalibrationBatch], width: int) -> torch.Tensor:
+def tied_matrix_basis(
+    model: SlicedModel, head_inputs: list[torch.Tensor], batches: list[CalibrationBatch], width: int, reduce: SumReduce = no_reduce
+) -> torch.Tensor:
     """U (D, e): where a tied embedding matrix E may be sliced to E U with least harm at both of its ends.
 
     E is read twice: rows E[t] by the embedding, and E z by the head, z = norm(x) @ proj (D).
@@ -157,7 +192,7 @@ def tied_matrix_basis(model: SlicedModel, head_inputs: list[torch.Tensor], batch
     device = head_inputs[0].device
     rows = [E[b.ids.cpu()].to(device) for b in batches]  # (B, T, D)
     zs = [rms_norm(x, model.config.hidden_size, model.config.norm_eps) @ proj.to(device) for x in head_inputs]  # (B, T, D)
-    c_rows, c_z = covariance([rows], batches), covariance([zs], batches)
+    c_rows, c_z = covariance([rows], batches, reduce), covariance([zs], batches, reduce)
     _, Q = principal_components(c_rows / c_rows.diagonal().sum() + c_z / c_z.diagonal().sum())
     return Q[:, :width].cpu()  # (D, e) float64
 
@@ -173,12 +208,12 @@ def slice_tied_matrix(model: SlicedModel, U: torch.Tensor) -> None:
     proj.data = (proj.data.double() @ U).to(dtype)  # (head_in, e)
 
 
-def mlp_gram(stage: ResidualStage, mlp: MLP, xs: list[torch.Tensor], batches: list[CalibrationBatch]) -> torch.Tensor:
+def mlp_gram(stage: ResidualStage, mlp: MLP, xs: list[torch.Tensor], batches: list[CalibrationBatch], reduce: SumReduce) -> torch.Tensor:
     """Gram matrix A^T A of the MLP's neuron activations on the stage inputs `xs` (as the sliced model sees them)."""
     acc = GramAccumulator(mlp.up_proj.out_features, xs[0].device)
     for x, b in zip(xs, batches):
         acc.add(mlp.hidden(rms_norm(x, stage.full_width, stage.eps)), b.mask)
-    return acc.gram
+    return reduce(acc.gram)
 
 
 def mid_block_preview(stage: ResidualStage, ys: list[torch.Tensor], batches: list[CalibrationBatch]) -> list[torch.Tensor]:
@@ -273,16 +308,24 @@ def rotate_and_slice(
     rotation: str = "stage",
     intermediates: list[int] | None = None,
     on_layer: Callable[[int], None] | None = None,
+    feed: LayerFeed | None = None,
+    reduce: SumReduce = no_reduce,
 ) -> SlicingResult:
     """Rotate and slice a fused model in place; `widths` has one width per signal of :func:`signal_names`.
 
     `intermediates` (one per block) prunes each MLP to that many neurons (converter/ffn.py) on
     the inputs the sliced model gives it.  Weights move to `device` one layer at a time; the
-    calibration activations stay there.
+    calibration activations stay there.  Blocks come from `feed` (default: the model's own) and
+    go back to it once sliced; with block rotation the next block is taken early (its attention
+    previews the mid-block signal).  `reduce` sums every covariance and Gram matrix over the
+    processes of a data-parallel run before it is decomposed, so each process slices alike.
     """
+    feed = feed if feed is not None else ResidentLayers(model)
     rotated = set(rotated_stages(model, rotation))
     if len(widths) != len(rotated) + 1:
         raise ValueError(f"{len(widths)} widths for {len(rotated) + 1} signals")
+    if rotation == "global" and reduce is not no_reduce:
+        raise ValueError("global rotation is not data-parallel")
     dtype = model.embed_tokens.weight.dtype
     eigenvalues: dict[str, list[float]] = {}
     next_width = iter(widths)
@@ -301,10 +344,10 @@ def rotate_and_slice(
         signals = [ys]
         preview = rotation == "block" and next_layer < len(model.layers) and len(model.layers[next_layer].stages) > 1
         if preview:
-            stage = model.layers[next_layer].stages[0].to(device)
+            stage = feed.layer(next_layer).stages[0].to(device)
             signals.append(mid_block_preview(stage, ys, batches))
             stage.to("cpu")
-        eig, Q = principal_components(covariance(signals, batches))
+        eig, Q = principal_components(covariance(signals, batches, reduce))
         eigenvalues[name] = eig.tolist()
         return Q[:, : next(next_width)]  # (D, d) float64
 
@@ -313,15 +356,15 @@ def rotate_and_slice(
     xs = [x @ basis.to(dtype) for x in xs]  # (B, T, d_0)
 
     layer_widths: list[LayerWidths] = []
-    for i, layer in enumerate(model.layers):
-        layer.to(device)
+    for i in range(len(model.layers)):
+        layer = feed.layer(i).to(device)
         stage_widths: list[tuple[int, int]] = []
         for j, stage in enumerate(layer.stages):
             d_in = basis.shape[1]
             rotate_inputs(stage.input_linears(), basis)
             mlp = stage.branches["mlp"] if "mlp" in stage.branches else None
             if mlp is not None and intermediates is not None and intermediates[i] < mlp.up_proj.out_features:
-                prune_mlp(mlp, mlp_gram(stage, mlp, xs, batches), intermediates[i])
+                prune_mlp(mlp, mlp_gram(stage, mlp, xs, batches, reduce), intermediates[i])
             if (i, j) in rotated:
                 stage.shortcut = basis.T.to(dtype)  # (d_in, D): back to the original basis
                 ys = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)
@@ -340,6 +383,7 @@ def rotate_and_slice(
         (a_in, a_out), (m_in, m_out) = stage_widths[0], stage_widths[-1]
         kept = intermediates[i] if intermediates is not None else None
         layer_widths.append(LayerWidths(attn_in=a_in, attn_out=a_out, mlp_in=m_in, mlp_out=m_out, intermediate=kept))
+        feed.release(i)
         if on_layer is not None:
             on_layer(i)
     rotate_head_input(model, basis.cpu())

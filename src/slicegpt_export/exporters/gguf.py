@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from slicegpt_export import gguf_spec as spec
 from slicegpt_export.atomic import atomic_directory
-from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, parameter_count, read_config, read_tensors
+from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, lazy_tensors, parameter_count, read_config
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.padding import pad_residual_widths
 from slicegpt_export.modeling import (
@@ -248,9 +249,13 @@ def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, shortcut_qtype: Q | N
     return gguf.quants.quantize(array, qtype), qtype
 
 
-def gguf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors under their GGUF names, right-multiplied matrices transposed to the linear layout (d_out, d_in)."""
-    return {spec.gguf_name(name): t.T if spec.is_right_multiplied(name) else t for name, t in tensors.items()}
+def gguf_tensors(tensors: Mapping[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint tensors, read one at a time, under their GGUF names, right-multiplied matrices transposed to the
+    linear layout (d_out, d_in); then the `extra` tensors (already GGUF-named)."""
+    for name in tensors:
+        t = tensors[name]
+        yield spec.gguf_name(name), t.T if spec.is_right_multiplied(name) else t
+    yield from extra.items()
 
 
 def rope_tensors(cfg: SlicedConfig) -> dict[str, torch.Tensor]:
@@ -281,19 +286,19 @@ def export_gguf(
     shortcut_qtype = None if shortcut_type == "auto" else GGUF_TYPES[shortcut_type][0]
     checkpoint = Path(checkpoint)
     cfg, _ = read_config(checkpoint)
-    tensors = read_tensors(checkpoint)
-    n_params = parameter_count(tensors)
+    tensors = lazy_tensors(checkpoint)  # read one at a time below
+    n_params = parameter_count(tensors.meta())
+    padded: Mapping[str, torch.Tensor] = tensors
     if qtype in BLOCK_TYPES:
-        cfg, tensors = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0])
+        cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0])
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         path = tmp / gguf_file_name(gguf_type)
-        w = SliceGPTWriter(str(path), spec.ARCH)
+        w = SliceGPTWriter(str(path), spec.ARCH, use_temp_file=True)  # each tensor's data leaves memory once added
         add_general(w, checkpoint, cfg, file_type, n_params)
         add_hyperparameters(w, cfg)
         add_tokenizer(w, checkpoint, cfg)
-        named = gguf_tensors(tensors)
-        named.update(rope_tensors(cfg))
-        for name, t in tqdm(named.items(), desc="quantizing tensors", unit="tensor", leave=False):
+        extra = rope_tensors(cfg)
+        for name, t in tqdm(gguf_tensors(padded, extra), total=len(padded) + len(extra), desc="converting tensors", unit="tensor", leave=False):
             data, stored = tensor_data(name, t, qtype, shortcut_qtype)
             w.add_tensor(name, data, raw_dtype=stored)
         w.write_header_to_file()

@@ -23,8 +23,9 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -32,7 +33,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from slicegpt_export.atomic import atomic_directory
-from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, read_config, read_tensors
+from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, lazy_tensors, read_config
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.padding import pad_residual_widths
 from slicegpt_export.modeling import layer_is_sliding, longrope_original_context, rope_attention_factor, rope_inverse_frequencies
@@ -60,14 +61,34 @@ RESIDUAL_PATH_NODES = ("_shortcut", "embed_proj", "lm_head/proj")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")  # fmt: skip
 
+#: initializers up to this many bytes stay inside model.onnx when the weights stream to EXTERNAL_DATA_FILE
+INLINE_BYTES = 1024
+#: alignment of each weight in EXTERNAL_DATA_FILE (what onnx's own external-data writer uses for large tensors)
+EXTERNAL_ALIGNMENT = 4096
+
+
+def external_tensor(name: str, array: np.ndarray, data: BinaryIO) -> onnx.TensorProto:
+    """A TensorProto whose bytes are appended to `data` (aligned) now and referenced by offset, never held in the graph."""
+    offset = data.tell()
+    offset += -offset % EXTERNAL_ALIGNMENT
+    data.seek(offset)
+    data.write(memoryview(array.reshape(-1).view(np.uint8)))
+    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", EXTERNAL_DATA_FILE), ("offset", offset), ("length", array.nbytes)):
+        tensor.external_data.add(key=key, value=str(value))
+    return tensor
+
+
 class GraphBuilder:
     """Accumulates nodes, initializers and value_info; hands out unique intermediate names."""
 
-    def __init__(self, elem_type: int, np_dtype: type) -> None:
+    def __init__(self, elem_type: int, np_dtype: type, external: BinaryIO | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.value_info: list[onnx.ValueInfoProto] = []
         self.elem_type, self.np_dtype = elem_type, np_dtype
+        self.external = external  # weights over INLINE_BYTES are appended here as they are made (EXTERNAL_DATA_FILE)
         self.counter = 0
 
     def op(self, op_type: str, inputs: list[str], *, name: str | None = None, outputs: int | list[str] = 1, **attrs: Any) -> Any:
@@ -82,7 +103,10 @@ class GraphBuilder:
         if isinstance(array, torch.Tensor):
             array = array.detach().to(torch.float64 if array.is_floating_point() else array.dtype).cpu().numpy()
         array = np.ascontiguousarray(array.astype(dtype or self.np_dtype))
-        self.initializers.append(numpy_helper.from_array(array, name))
+        if self.external is not None and array.nbytes > INLINE_BYTES:
+            self.initializers.append(external_tensor(name, array, self.external))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def const_i64(self, name: str, values: list[int]) -> str:
@@ -95,11 +119,11 @@ class GraphBuilder:
 class DecoderGraph:
     """Builds the decoder graph of one sliced checkpoint."""
 
-    def __init__(self, cfg: SlicedConfig, tensors: dict[str, torch.Tensor], precision: str) -> None:
+    def __init__(self, cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], precision: str, external: BinaryIO | None = None) -> None:
         if precision not in PRECISIONS:
             raise SliceGPTError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
         self.cfg, self.tensors = cfg, tensors
-        self.g = GraphBuilder(*PRECISIONS[precision])
+        self.g = GraphBuilder(*PRECISIONS[precision], external=external)
 
     # ----- building blocks -----------------------------------------------------------
     def linear(self, x: str, name: str) -> str:
@@ -337,9 +361,12 @@ class DecoderGraph:
         return model
 
 
-def build_onnx_model(cfg: SlicedConfig, tensors: dict[str, torch.Tensor], *, precision: str = "fp32") -> onnx.ModelProto:
-    """The decoder graph of a sliced model (weights embedded)."""
-    return DecoderGraph(cfg, tensors, precision).build()
+def build_onnx_model(
+    cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], *, precision: str = "fp32", external: BinaryIO | None = None
+) -> onnx.ModelProto:
+    """The decoder graph of a sliced model: weights embedded, or (with `external`, the open EXTERNAL_DATA_FILE)
+    each written there as it is made, so neither the checkpoint nor the graph's weights are ever whole in memory."""
+    return DecoderGraph(cfg, tensors, precision, external).build()
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
@@ -423,16 +450,19 @@ def export_onnx(*, checkpoint: Path, out: Path, precision: str = "fp32", quantiz
     if quantize is not None and precision != "fp32":
         raise SliceGPTError("--quantize applies to fp32 graphs (MatMulNBits keeps fp32 activations on CPU)")
     cfg, base = read_config(checkpoint)
-    tensors = read_tensors(checkpoint)
+    tensors: Mapping[str, torch.Tensor] = lazy_tensors(checkpoint)  # read one at a time while the graph is built
     if quantize is not None:
         cfg, tensors = pad_residual_widths(cfg, tensors, QUANT_BLOCK_SIZE)
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         logger.info("building the ONNX graph (%d layers, %s)", cfg.num_layers, precision)
-        model = build_onnx_model(cfg, tensors, precision=precision)
-        if quantize is not None:
-            logger.info("quantizing MatMul weights to %s", quantize)
-            model = quantize_weights(model, QUANTIZATIONS[quantize])
-        save_onnx(model, tmp)
+        if quantize is not None:  # ONNX Runtime's quantizer rewrites an in-memory graph
+            model = quantize_weights(build_onnx_model(cfg, tensors, precision=precision), QUANTIZATIONS[quantize])
+            logger.info("quantized MatMul weights to %s", quantize)
+            save_onnx(model, tmp)
+        else:
+            with open(tmp / EXTERNAL_DATA_FILE, "wb") as data:
+                model = build_onnx_model(cfg, tensors, precision=precision, external=data)
+            onnx.save_model(model, str(tmp / MODEL_FILE))  # the weights are in EXTERNAL_DATA_FILE already
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, base, precision), indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps({**base, "head_dim": cfg.head_dim}, indent=2) + "\n")
         for name in TOKENIZER_FILES:

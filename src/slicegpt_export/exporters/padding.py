@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -47,20 +47,43 @@ def pad_stage_output(pad: Callable[..., None], i: int, linear: str, post_proj: s
         pad(f"layers.{i}.{linear}.bias", rows=width)
 
 
+class PaddedTensors(Mapping[str, torch.Tensor]):
+    """`tensors` seen through a plan of zero-padding (name -> (rows, cols)); each tensor is padded when read,
+    so a lazily read checkpoint stays lazy."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], plan: dict[str, tuple[int | None, int | None]]) -> None:
+        self.tensors, self.plan = tensors, plan
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        return pad_dims(t, *self.plan[name]) if name in self.plan else t
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 def pad_residual_widths(
-    cfg: SlicedConfig, tensors: dict[str, torch.Tensor], multiple: int
-) -> tuple[SlicedConfig, dict[str, torch.Tensor]]:
-    """A copy of the checkpoint with every residual width padded to a multiple of `multiple` (exact, see above)."""
+    cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], multiple: int
+) -> tuple[SlicedConfig, Mapping[str, torch.Tensor]]:
+    """The checkpoint with every residual width padded to a multiple of `multiple` (exact, see above); tensors are
+    padded as they are read."""
     p = lambda w: padded(w, multiple)  # noqa: E731
     residual = ("attn_in", "attn_out", "mlp_in", "mlp_out")
     widths = [cfg.embedding_width, cfg.head_in, cfg.tied_width or 0] + [getattr(w, f) for w in cfg.layers for f in residual]
     if all(w == p(w) for w in widths):
         return cfg, tensors
-    out = dict(tensors)
+    plan: dict[str, tuple[int | None, int | None]] = {}
 
     def pad(name: str, rows: int | None = None, cols: int | None = None) -> None:
-        if name in out:
-            out[name] = pad_dims(out[name], rows, cols)
+        if name in tensors:
+            old_rows, old_cols = plan.get(name, (None, None))
+            plan[name] = (rows or old_rows, cols or old_cols)
 
     d_emb, d_head = p(cfg.embedding_width), p(cfg.head_in)
     tied_width = p(cfg.tied_width) if cfg.tied_width else None  # a sliced tied matrix E (vocab, e): zero columns
@@ -84,4 +107,4 @@ def pad_residual_widths(
         pad(f"layers.{i}.mlp_shortcut", rows=m_in, cols=m_out)
         layers.append(LayerWidths(a_in, a_out, m_in, m_out, w.intermediate))
     logger.info("residual widths padded to multiples of %d (exact: zero coordinates)", multiple)
-    return dataclasses.replace(cfg, embedding_width=d_emb, layers=layers, head_in=d_head, tied_width=tied_width), out
+    return dataclasses.replace(cfg, embedding_width=d_emb, layers=layers, head_in=d_head, tied_width=tied_width), PaddedTensors(tensors, plan)

