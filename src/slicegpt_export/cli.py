@@ -474,6 +474,7 @@ def export_command(
     quantize: Annotated[str | None, typer.Option(help="ONNX: weight-only int8 or int4 (MatMulNBits).")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
     gguf_shortcut_type: Annotated[str, typer.Option(help="GGUF shortcut matrices: auto (f16 in q8_0/q4_0 files) or a type; q8_0 decodes faster, costs perplexity.")] = "auto",
+    execution_provider: Annotated[str, typer.Option(help="ONNX: the runtime the graph is built for: cpu (ai.onnx ops) or cuda (GroupQueryAttention and fused norms, as onnxruntime-genai's builder emits; also runs on the CPU provider).")] = "cpu",
     validate: Annotated[bool, typer.Option(help="Compare the artifact with the PyTorch reference after export.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -483,7 +484,7 @@ def export_command(
     try:
         export_validated(
             format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
-            gguf_shortcut_type=gguf_shortcut_type, validate=validate, overwrite=overwrite,
+            gguf_shortcut_type=gguf_shortcut_type, execution_provider=execution_provider, validate=validate, overwrite=overwrite,
         )  # fmt: skip
     except KeyboardInterrupt:
         typer.echo(f"error: interrupted while exporting {checkpoint}: nothing was written to {out}", err=True)

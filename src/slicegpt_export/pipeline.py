@@ -92,13 +92,13 @@ def run_stage(
 
 def export_validated(
     *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
-    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", validate: bool = True, overwrite: bool = False,
+    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", execution_provider: str = "cpu", validate: bool = True, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Export `checkpoint` as `format` into `out`, then (by default) compare it with the PyTorch reference."""
     from slicegpt_export.exporters import export_artifact
 
-    path = export_artifact(format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize,
-                           gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, overwrite=overwrite)  # fmt: skip
+    path = export_artifact(format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
+                           gguf_shortcut_type=gguf_shortcut_type, execution_provider=execution_provider, overwrite=overwrite)  # fmt: skip
     if validate and format == "onnx":
         from slicegpt_export.validation.onnx_runner import validate_onnx
 

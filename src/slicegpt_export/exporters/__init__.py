@@ -13,13 +13,14 @@ FORMATS = ("onnx", "gguf")
 
 def export_artifact(
     *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
-    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", overwrite: bool = False,
+    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", execution_provider: str = "cpu", overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Export `checkpoint` as `format` into `out`; returns the ONNX folder or the GGUF file."""
     if format == "onnx":
         from slicegpt_export.exporters.onnx import export_onnx
 
-        return export_onnx(checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, overwrite=overwrite)
+        return export_onnx(checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, execution_provider=execution_provider,
+                           overwrite=overwrite)  # fmt: skip
     if format == "gguf":
         from slicegpt_export.exporters.gguf import export_gguf
 

@@ -116,13 +116,34 @@ class GraphBuilder:
         self.value_info.append(helper.make_tensor_value_info(value, self.elem_type, shape))
 
 
+#: graph targets: ai.onnx ops (opset-23 Attention with a mask) for the CPU, or what ONNX Runtime's CUDA provider runs
+#: with grouped KV heads (com.microsoft GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai's builder emits
+TARGETS = ("cpu", "cuda")
+
+
+def check_target(cfg: SlicedConfig, target: str) -> None:
+    """Refuse a target whose kernels cannot run this model (ONNX Runtime's GroupQueryAttention checks these at run time)."""
+    if target not in TARGETS:
+        raise SliceGPTError(f"unknown execution provider {target!r} (choose from {', '.join(TARGETS)})")
+    if target != "cuda":
+        return
+    if cfg.head_dim % 16:
+        raise SliceGPTError(f"the CUDA graph's GroupQueryAttention needs a head size that is a multiple of 16 (this model's: {cfg.head_dim})")
+    for rope in (cfg.rope, cfg.local_rope):
+        if rope is not None and (rope.dim // 2) % 8:
+            raise SliceGPTError(f"the CUDA graph's GroupQueryAttention rotates a multiple of 16 channels per head (this model rotates {rope.dim})")
+
+
 class DecoderGraph:
     """Builds the decoder graph of one sliced checkpoint."""
 
-    def __init__(self, cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], precision: str, external: BinaryIO | None = None) -> None:
+    def __init__(
+        self, cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], precision: str, external: BinaryIO | None = None, target: str = "cpu"
+    ) -> None:
         if precision not in PRECISIONS:
             raise SliceGPTError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-        self.cfg, self.tensors = cfg, tensors
+        check_target(cfg, target)
+        self.cfg, self.tensors, self.target = cfg, tensors, target
         self.g = GraphBuilder(*PRECISIONS[precision], external=external)
 
     # ----- building blocks -----------------------------------------------------------
@@ -135,10 +156,29 @@ class DecoderGraph:
         return y
 
     def norm(self, x: str, width: int, name: str) -> str:
-        """SliceGPT's RMSNorm over D, as sqrt(D/d) * RMSNormalization_d(x) with epsilon * D/d."""
+        """SliceGPT's RMSNorm over D, as sqrt(D/d) * RMSNormalization_d(x) with epsilon * D/d.
+
+        The CUDA target uses ONNX Runtime's SimplifiedLayerNormalization, the same function (the builder's op).
+        """
         ratio = self.cfg.hidden_size / width
         scale = self.g.weight(f"{name}.scale", np.full(width, math.sqrt(ratio)))
-        return self.g.op("RMSNormalization", [x, scale], name=name, axis=-1, epsilon=self.cfg.norm_eps * ratio)
+        op = "SimplifiedLayerNormalization" if self.target == "cuda" else "RMSNormalization"
+        return self.g.op(op, [x, scale], name=name, axis=-1, epsilon=self.cfg.norm_eps * ratio)
+
+    def residual_and_norm(self, branch: str, skip: str, width: int, name: str, residual_name: str) -> tuple[str, str]:
+        """(norm(branch + skip), branch + skip) for the next reader of the residual (width d).
+
+        CUDA target: one com.microsoft SkipSimplifiedLayerNormalization (outputs 0 and 3), as the builder fuses them.
+        """
+        if self.target != "cuda":
+            x = self.g.op("Add", [skip, branch], name=residual_name)
+            return self.norm(x, width, name), x
+        ratio = self.cfg.hidden_size / width
+        scale = self.g.weight(f"{name}.scale", np.full(width, math.sqrt(ratio)))
+        normed, x = f"{name}/output_0", residual_name
+        self.g.op("SkipSimplifiedLayerNormalization", [branch, skip, scale], name=name, outputs=[normed, "", "", x],
+                  domain="com.microsoft", epsilon=self.cfg.norm_eps * ratio)  # fmt: skip
+        return normed, x
 
     def activation(self, x: str, name: str) -> str:
         kind = self.cfg.activation
@@ -175,7 +215,8 @@ class DecoderGraph:
         hd = self.cfg.head_dim
         per_head = self.g.op("Reshape", [x, self.g.const_i64(f"{name}.heads", [0, 0, heads, hd])], name=f"{name}/Reshape")
         scale = self.g.weight(f"{name}.weight", self.tensors[f"{name}.weight"])
-        normed = self.g.op("RMSNormalization", [per_head, scale], name=name, axis=-1, epsilon=self.cfg.norm_eps)
+        op = "SimplifiedLayerNormalization" if self.target == "cuda" else "RMSNormalization"
+        normed = self.g.op(op, [per_head, scale], name=name, axis=-1, epsilon=self.cfg.norm_eps)
         return self.g.op("Reshape", [normed, self.g.const_i64(f"{name}.flat", [0, 0, heads * hd])], name=f"{name}/Flatten")
 
     def attention(self, i: int, h: str, masks: dict[bool, str]) -> str:
@@ -185,8 +226,11 @@ class DecoderGraph:
         q, k, v = self.packed_linear(h, [p + proj for proj in ("q_proj", "k_proj", "v_proj")], p + "qkv_proj")  # (B, T, heads * hd)
         if cfg.qk_norm:
             q, k = self.head_norm(q, cfg.num_heads, p + "q_norm"), self.head_norm(k, cfg.num_kv_heads, p + "k_norm")
-        if cfg.rope is not None and (cfg.rope_layers is None or cfg.rope_layers[i]):
-            cache = "rope_local" if sliding and cfg.local_rope is not None else "rope"
+        rotary = cfg.rope is not None and (cfg.rope_layers is None or cfg.rope_layers[i])
+        cache = "rope_local" if sliding and cfg.local_rope is not None else "rope"
+        if self.target == "cuda":
+            return self.post_norm(self.linear(self.group_query_attention(i, q, k, v, cache if rotary else None), p + "o_proj"), p + "attn_post_proj")
+        if rotary:
             q, k = self.rope(q, cfg.num_heads, p + "q_rotary", cache), self.rope(k, cfg.num_kv_heads, p + "k_rotary", cache)
         attrs = {"softcap": cfg.attn_logit_softcap} if cfg.attn_logit_softcap is not None else {}
         y = self.g.op(
@@ -196,6 +240,33 @@ class DecoderGraph:
             **attrs,
         )[0]  # fmt: skip
         return self.post_norm(self.linear(y, p + "o_proj"), p + "attn_post_proj")
+
+    def group_query_attention(self, i: int, q: str, k: str, v: str, cache: str | None) -> str:
+        """com.microsoft GroupQueryAttention (the CUDA target): grouped KV heads, rotary inside the op from `cache`'s
+        cos/sin tables (None: no rotary), sliding window as local_window_size, padding as seqlens_k (right-padded or
+        unpadded batches, as onnxruntime-genai feeds them)."""
+        cfg, p = self.cfg, f"layers.{i}."
+        seqlens, total = self.gqa_lengths()
+        rope_inputs = [f"{cache}.cos_cache", f"{cache}.sin_cache"] if cache is not None else ["", ""]
+        window = cfg.sliding_window if cfg.sliding_window is not None and layer_is_sliding(cfg, i) else -1
+        return self.g.op(
+            "GroupQueryAttention", [q, k, v, past_name(i, "key"), past_name(i, "value"), seqlens, total, *rope_inputs],
+            name=p + "attention", outputs=[p + "attention/output", present_name(i, "key"), present_name(i, "value")], domain="com.microsoft",
+            num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim),
+            local_window_size=window, softcap=cfg.attn_logit_softcap or 0.0, do_rotary=int(cache is not None), rotary_interleaved=0,
+        )[0]  # fmt: skip
+
+    def gqa_lengths(self) -> tuple[str, str]:
+        """seqlens_k = sum(attention_mask) - 1 per row (int32) and total_sequence_length (int32 scalar), made once."""
+        g = self.g
+        if not getattr(self, "_gqa_lengths", None):
+            total = g.op("ReduceSum", [ATTENTION_MASK, g.const_i64("/gqa/axis1", [1])], name="/gqa/keys", keepdims=0)  # (B,)
+            seqlens = g.op("Cast", [g.op("Sub", [total, g.const_i64("/gqa/one", [1])], name="/gqa/last")], name="/gqa/seqlens_k",
+                           to=TensorProto.INT32)  # fmt: skip
+            width = g.op("Gather", [g.op("Shape", [ATTENTION_MASK], name="/gqa/mask_shape"), g.weight("/gqa/index1", np.array(1), dtype=np.int64)],
+                         name="/gqa/total", axis=0)  # fmt: skip
+            self._gqa_lengths = (seqlens, g.op("Cast", [width], name="/gqa/total_sequence_length", to=TensorProto.INT32))
+        return self._gqa_lengths
 
     def post_norm(self, y: str, name: str) -> str:
         """A post-norm stage's branch output (B, T, D): weightless RMSNorm over D, then the (D, d_out) `name` (Gemma)."""
@@ -269,6 +340,39 @@ class DecoderGraph:
             x = g.op("Add", [x, pos], name="/embeddings/add")
         if cfg.rope is not None:
             self.rope_caches()
+        if self.target == "cuda":
+            h = self.cuda_blocks(x)
+        else:
+            h = self.cpu_blocks(x)
+        logits = self.tied_head(h) if cfg.tied_embeddings else self.linear(h, "lm_head")  # (B, T, vocab)
+        if cfg.final_logit_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
+            cap = g.weight("final_softcap", np.array(cfg.final_logit_softcap))
+            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], name="/softcap/div")], name="/softcap/tanh"), cap],
+                          name="/softcap/mul")  # fmt: skip
+        g.op("Identity", [logits], name="logits", outputs=[LOGITS])
+        return self.model()
+
+    def cuda_blocks(self, x: str) -> str:
+        """The blocks as the CUDA target lays them out: each residual add fused with the next norm; returns the final norm's output."""
+        cfg, g = self.cfg, self.g
+        first = cfg.layers[0].attn_in
+        h = self.norm(x, first, "layers.0.attn_norm" if cfg.block_kind == "sequential" else "layers.0.norm")
+        for i, w in enumerate(cfg.layers):
+            p, last = f"layers.{i}.", i == cfg.num_layers - 1
+            nxt = "final_norm" if last else (f"layers.{i + 1}.attn_norm" if cfg.block_kind == "sequential" else f"layers.{i + 1}.norm")
+            next_width = cfg.head_in if last else cfg.layers[i + 1].attn_in
+            if cfg.block_kind == "parallel":
+                branches = g.op("Add", [self.attention(i, h, {}), self.mlp(i, h)], name=p + "branches")
+                h, x = self.residual_and_norm(branches, self.shortcut(x, i, "attn_shortcut"), next_width, nxt, p + "residual")
+            else:
+                attn = self.attention(i, h, {})
+                h, x = self.residual_and_norm(attn, self.shortcut(x, i, "attn_shortcut"), w.mlp_in, p + "mlp_norm", p + "attn_residual")
+                h, x = self.residual_and_norm(self.mlp(i, h), self.shortcut(x, i, "mlp_shortcut"), next_width, nxt, p + "mlp_residual")
+        return h
+
+    def cpu_blocks(self, x: str) -> str:
+        """The blocks with ai.onnx ops only (opset-23 Attention with a boolean mask); returns the final norm's output."""
+        cfg, g = self.cfg, self.g
         masks = self.attention_masks()
         for i, w in enumerate(cfg.layers):
             g.annotate(x, ["batch_size", "sequence_length", w.attn_in])
@@ -284,14 +388,7 @@ class DecoderGraph:
                 mlp = self.mlp(i, self.norm(x, w.mlp_in, p + "mlp_norm"))
                 x = g.op("Add", [self.shortcut(x, i, "mlp_shortcut"), mlp], name=p + "mlp_residual")
         g.annotate(x, ["batch_size", "sequence_length", cfg.head_in])
-        h = self.norm(x, cfg.head_in, "final_norm")
-        logits = self.tied_head(h) if cfg.tied_embeddings else self.linear(h, "lm_head")  # (B, T, vocab)
-        if cfg.final_logit_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
-            cap = g.weight("final_softcap", np.array(cfg.final_logit_softcap))
-            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], name="/softcap/div")], name="/softcap/tanh"), cap],
-                          name="/softcap/mul")  # fmt: skip
-        g.op("Identity", [logits], name="logits", outputs=[LOGITS])
-        return self.model()
+        return self.norm(x, cfg.head_in, "final_norm")
 
     def rope_caches(self) -> None:
         """rope.cos_cache and rope.sin_cache (positions, r/2), times LongRoPE's attention factor.
@@ -355,18 +452,20 @@ class DecoderGraph:
             inputs += [helper.make_tensor_value_info(past_name(i, kind), g.elem_type, kv_shape) for kind in ("key", "value")]
             outputs += [helper.make_tensor_value_info(present_name(i, kind), g.elem_type, present_shape) for kind in ("key", "value")]
         graph = helper.make_graph(g.nodes, "slicegpt_decoder", inputs, outputs, g.initializers, value_info=g.value_info)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="slicegpt-export")
+        opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if self.target == "cuda" else [])
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="slicegpt-export")
         model.ir_version = IR_VERSION
         helper.set_model_props(model, {"slicegpt": json.dumps(cfg.to_dict())})
         return model
 
 
 def build_onnx_model(
-    cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], *, precision: str = "fp32", external: BinaryIO | None = None
+    cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], *, precision: str = "fp32", external: BinaryIO | None = None, target: str = "cpu"
 ) -> onnx.ModelProto:
-    """The decoder graph of a sliced model: weights embedded, or (with `external`, the open EXTERNAL_DATA_FILE)
-    each written there as it is made, so neither the checkpoint nor the graph's weights are ever whole in memory."""
-    return DecoderGraph(cfg, tensors, precision, external).build()
+    """The decoder graph of a sliced model for `target` (see TARGETS): weights embedded, or (with `external`, the open
+    EXTERNAL_DATA_FILE) each written there as it is made, so neither the checkpoint nor the graph's weights are ever
+    whole in memory."""
+    return DecoderGraph(cfg, tensors, precision, external, target).build()
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
@@ -395,15 +494,16 @@ def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     return run(model, 8, nodes_to_exclude=shortcuts) if head else model  # only the head is a float MatMul left to quantize
 
 
-def genai_config(cfg: SlicedConfig, base: dict[str, Any], precision: str) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json for the generic decoder-only model type."""
+def genai_config(cfg: SlicedConfig, base: dict[str, Any], precision: str, target: str = "cpu") -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for the generic decoder-only model type (the CUDA target asks for CUDA)."""
     eos = base.get("eos_token_id")
+    providers = [{"cuda": {}}] if target == "cuda" else []
     return {
         "model": {
             "bos_token_id": base.get("bos_token_id"),
             "context_length": cfg.max_position_embeddings,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers},
                 "filename": MODEL_FILE,
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
@@ -443,27 +543,34 @@ def save_onnx(model: onnx.ModelProto, directory: Path) -> None:
     )  # fmt: skip
 
 
-def export_onnx(*, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None, overwrite: bool = False) -> Path:
-    """Export a sliced checkpoint folder to an ONNX folder (graph, genai_config.json, config.json, tokenizer)."""
+def export_onnx(
+    *, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None, execution_provider: str = "cpu", overwrite: bool = False
+) -> Path:
+    """Export a sliced checkpoint folder to an ONNX folder (graph, genai_config.json, config.json, tokenizer).
+
+    `execution_provider` "cuda" builds the graph from the ops ONNX Runtime's CUDA provider runs with grouped KV heads
+    (see TARGETS); it runs on the CPU provider too (each of those ops has a CPU kernel), which is how it is tested.
+    """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise SliceGPTError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZATIONS)})")
     if quantize is not None and precision != "fp32":
         raise SliceGPTError("--quantize applies to fp32 graphs (MatMulNBits keeps fp32 activations on CPU)")
     cfg, base = read_config(checkpoint)
+    check_target(cfg, execution_provider)
     tensors: Mapping[str, torch.Tensor] = lazy_tensors(checkpoint)  # read one at a time while the graph is built
     if quantize is not None:
         cfg, tensors = pad_residual_widths(cfg, tensors, QUANT_BLOCK_SIZE)
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         logger.info("building the ONNX graph (%d layers, %s)", cfg.num_layers, precision)
         if quantize is not None:  # ONNX Runtime's quantizer rewrites an in-memory graph
-            model = quantize_weights(build_onnx_model(cfg, tensors, precision=precision), QUANTIZATIONS[quantize])
+            model = quantize_weights(build_onnx_model(cfg, tensors, precision=precision, target=execution_provider), QUANTIZATIONS[quantize])
             logger.info("quantized MatMul weights to %s", quantize)
             save_onnx(model, tmp)
         else:
             with open(tmp / EXTERNAL_DATA_FILE, "wb") as data:
-                model = build_onnx_model(cfg, tensors, precision=precision, external=data)
+                model = build_onnx_model(cfg, tensors, precision=precision, external=data, target=execution_provider)
             onnx.save_model(model, str(tmp / MODEL_FILE))  # the weights are in EXTERNAL_DATA_FILE already
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, base, precision), indent=2) + "\n")
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, base, precision, execution_provider), indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps({**base, "head_dim": cfg.head_dim}, indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (Path(checkpoint) / name).is_file():
