@@ -68,6 +68,8 @@ def onnx_cuda(checkpoint: Path, windows: torch.Tensor, out: Path) -> dict[str, A
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return {"skipped": f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"}
+    if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels beside torch
+        ort.preload_dlls()
     export_onnx(checkpoint=checkpoint, out=out, precision="fp16", execution_provider="cuda")
     decoder = OnnxDecoder(out, provider_list=["CUDAExecutionProvider"])
     used = decoder.session.get_providers()
@@ -79,20 +81,39 @@ def onnx_cuda(checkpoint: Path, windows: torch.Tensor, out: Path) -> dict[str, A
             "providers": used, "eval_seconds": seconds}  # fmt: skip
 
 
-def genai_cuda(onnx_dir: Path) -> dict[str, Any]:
+PROMPT = "The capital of France is"
+NEW_TOKENS = 12
+
+
+def genai_cuda(onnx_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    """Greedy tokens from onnxruntime-genai on CUDA, fed the checkpoint's own token ids, against the reference's.
+
+    The ids come from the Hugging Face tokenizer: genai-cuda 0.18's own tokenizer encoded this prompt with -1 ids
+    on an H200 machine (2026-11-26), so its agreement is reported separately.
+    """
     try:
         import onnxruntime_genai as og
     except ImportError:
         return {"skipped": "onnxruntime-genai-cuda is not installed"}
+    import numpy as np
+
+    from slicegpt_export.checkpoint import load_sliced
+    from slicegpt_export.modeling import generate
+    from slicegpt_export.sources.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(checkpoint).encode(PROMPT, add_special_tokens=False)
     model = og.Model(str(onnx_dir))
-    tokenizer = og.Tokenizer(model)
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=64)
+    params.set_search_options(max_length=len(ids) + NEW_TOKENS, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(tokenizer.encode("The capital of France is"))
+    generator.append_tokens(np.array(ids, dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    return {"text": tokenizer.decode(generator.get_sequence(0))}
+    got = [int(t) for t in generator.get_sequence(0)]
+    reference = load_sliced(checkpoint, device="cuda")
+    expected = generate(reference, torch.tensor([ids], device="cuda"), max_new_tokens=NEW_TOKENS)[0].tolist()
+    own = [int(t) for t in og.Tokenizer(model).encode(PROMPT)]
+    return {"greedy_tokens_match_reference": got == expected, "genai_tokenizer_agrees": own == ids}
 
 
 def row(name: str, fn) -> dict[str, Any]:
@@ -120,7 +141,7 @@ def main() -> None:
         rows.append(row("reference on CUDA (in memory)", lambda: {"perplexity": reference_perplexity(ckpt, windows, stream=False)}))
         rows.append(row("reference on CUDA (layer-streamed)", lambda: {"perplexity": reference_perplexity(ckpt, windows, stream=True)}))
         rows.append(row("ONNX fp16, CUDA graph, CUDA provider", lambda: onnx_cuda(ckpt, windows, work / "onnx")))
-        rows.append(row("onnxruntime-genai on CUDA", lambda: genai_cuda(work / "onnx")))
+        rows.append(row("onnxruntime-genai on CUDA (fp16 graph)", lambda: genai_cuda(work / "onnx", ckpt)))
     print(f"\n# gpu_check on {device} (torch {torch.__version__})\n")
     print("| check | result |\n| --- | --- |")
     for r in rows:

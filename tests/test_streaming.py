@@ -197,3 +197,54 @@ def test_onnx_weights_stream_to_external_data(tmp_path, calib_text):
     weights = sum(t.numel() * 4 for t in read_tensors(ckpt).values())  # float32, as the fp32 graph stores them
     assert external >= 0.95 * weights
     assert (out / "model.onnx").stat().st_size < 64 * 1024 < (out / "model.onnx.data").stat().st_size
+
+
+def test_cli_streams_keeps_the_source_dtype_and_checks_streamed_perplexity(tmp_path, calib_text):
+    """`slice` on a bf16 source writes bf16 shards; `perplexity --stream` equals the in-memory figure."""
+    from typer.testing import CliRunner
+
+    from slicegpt_export.cli import app
+
+    folder = save_tiny_model("llama", tmp_path / "src")
+    to_bfloat16(folder)
+    out = tmp_path / "sliced"
+    runner = CliRunner()
+    done = runner.invoke(app, ["slice", "--model", str(folder), "--out", str(out), "--sparsity", "0.25", "--calib", str(calib_text),
+                               "--calib-samples", "4", "--calib-seqlen", "32", "--device", "cpu", "--max-shard-size", "0.00005"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert (out / WEIGHTS_INDEX_NAME).is_file()
+    assert {t.dtype for t in read_tensors(out).values()} == {torch.bfloat16}
+    figures = []
+    for extra in ([], ["--stream"]):
+        done = runner.invoke(app, ["perplexity", str(out), "--text", str(calib_text), "--seqlen", "64", "--windows", "4", "--device", "cpu", *extra])
+        assert done.exit_code == 0, done.output
+        figures.append(float(done.output.split("perplexity:")[-1].split()[0]))
+    assert figures[0] == figures[1]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["slice", "--out", "o", "--nproc", "0"], "--nproc must be at least 1"),
+    (["export", "ckpt", "--out", "o", "--execution-provider", "tpu"], "unknown execution provider 'tpu'"),
+])  # fmt: skip
+def test_bad_options_end_in_one_line(argv, message, tmp_path, calib_text, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slicegpt_export.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "export":
+        save_tiny_model("llama", tmp_path / "src")
+        slice_tiny(tmp_path / "src", tmp_path / "ckpt", calib_text, sparsity=0.25)
+    done = CliRunner().invoke(app, argv)
+    assert done.exit_code == 2
+    assert message in done.output and done.output.count("\n") == 1
+
+
+def test_gguf_source_dequantized_block_by_block_equals_in_memory(tmp_path, wikitext):
+    """The embedded SmolLM2 GGUF: each tensor dequantized when its block is sliced gives the in-memory checkpoint."""
+    options = {"model": None, "sparsity": 0.25, "calib": str(wikitext / "valid.txt"), "calib_samples": 4, "calib_seqlen": 64,
+               "device": "cpu", "progress": False}  # fmt: skip
+    slice_checkpoint(out=tmp_path / "streamed", **options)
+    slice_checkpoint(out=tmp_path / "held", stream=False, **options)
+    a, b = read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "held")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

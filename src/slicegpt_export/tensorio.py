@@ -41,28 +41,22 @@ def unreadable(path: Path, exc: Exception) -> SliceGPTError:
     return SliceGPTError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}")
 
 
-class LazyTensors(MutableMapping[str, torch.Tensor]):
-    """The tensors of safetensors `files`, read (and cast to `dtype` when given) only when asked for.
+class LazyMapping(MutableMapping[str, torch.Tensor]):
+    """Tensors on disk, read (and cast to `dtype` when given) only when asked for; subclasses say where they lie.
 
     Reading a tensor never caches it: ``pop`` hands it over, ``[]`` reads it again.  Tensors set
     with ``[]=`` (e.g. an adapter splitting a fused matrix) are held in memory beside the files.
-    ``shape`` and ``stored_dtype`` answer from the file headers without reading data.
+    ``shape``, ``stored_dtype`` and ``meta`` answer from the files' headers without reading data.
     """
 
-    def __init__(self, files: Iterable[Path], *, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, info: dict[str, tuple[torch.dtype, tuple[int, ...]]], *, dtype: torch.dtype | None) -> None:
         self.dtype = dtype
-        self._where: dict[str, Path] = {}
-        self._info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._info = info  # name -> (stored dtype, shape) of every tensor still on disk
         self._held: dict[str, torch.Tensor] = {}
-        for path in files:
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
-                        piece = f.get_slice(name)
-                        self._where[name] = path
-                        self._info[name] = (TORCH_DTYPES.get(piece.get_dtype(), torch.float32), tuple(piece.get_shape()))
-            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-                raise unreadable(path, exc) from exc
+
+    def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The stored tensors `names` (all on disk), as they are stored."""
+        raise NotImplementedError
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._held[name].shape) if name in self._held else self._info[name][1]
@@ -75,24 +69,16 @@ class LazyTensors(MutableMapping[str, torch.Tensor]):
         return {n: torch.empty(self.shape(n), dtype=self.dtype or self.stored_dtype(n), device="meta") for n in self}
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Several tensors at once, each file opened once (nothing is removed from the mapping)."""
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
+        """Several tensors at once (nothing is removed from the mapping)."""
+        names = list(names)
+        missing = [n for n in names if n not in self]
+        if missing:
+            raise KeyError(missing[0])
+        stored = self.read_stored([n for n in names if n not in self._held])
+        out = {}
         for name in names:
-            if name in self._held:
-                out[name] = self._held[name]
-            elif name in self._where:
-                by_file.setdefault(self._where[name], []).append(name)
-            else:
-                raise KeyError(name)
-        for path, group in by_file.items():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in group:
-                        t = f.get_tensor(name)
-                        out[name] = t.to(self.dtype) if self.dtype is not None and t.dtype != self.dtype else t.clone()
-            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-                raise unreadable(path, exc) from exc
+            t = self._held[name] if name in self._held else stored[name]
+            out[name] = t.to(self.dtype) if self.dtype is not None and t.dtype != self.dtype else t
         return out
 
     def read_all(self) -> dict[str, torch.Tensor]:
@@ -102,27 +88,60 @@ class LazyTensors(MutableMapping[str, torch.Tensor]):
         return self.read([name])[name]
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        self._where.pop(name, None)
+        self._info.pop(name, None)
         self._held[name] = value
 
     def __delitem__(self, name: str) -> None:
         if name in self._held:
             del self._held[name]
         else:
-            del self._where[name]
+            del self._info[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._held or name in self._where
+        return name in self._held or name in self._info
 
     def __iter__(self) -> Iterator[str]:
-        yield from sorted(self._where) + list(self._held)  # one order whatever the sharding
+        yield from sorted(self._info) + list(self._held)  # one order whatever the sharding
 
     def __len__(self) -> int:
-        return len(self._where) + len(self._held)
+        return len(self._info) + len(self._held)
 
     def clear(self) -> None:  # MutableMapping's own would read every tensor
-        self._where.clear()
+        self._info.clear()
         self._held.clear()
+
+
+class LazyTensors(LazyMapping):
+    """The tensors of safetensors `files` (one file or the shards of an index); each read opens its file and closes it
+    again, so no shard stays mapped and host memory holds only what the caller keeps."""
+
+    def __init__(self, files: Iterable[Path], *, dtype: torch.dtype | None = None) -> None:
+        self._where: dict[str, Path] = {}
+        info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        piece = f.get_slice(name)
+                        self._where[name] = path
+                        info[name] = (TORCH_DTYPES.get(piece.get_dtype(), torch.float32), tuple(piece.get_shape()))
+            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+                raise unreadable(path, exc) from exc
+        super().__init__(info, dtype=dtype)
+
+    def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._where[name], []).append(name)
+        for path, group in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in group:
+                        out[name] = f.get_tensor(name).clone()  # owned memory, not a view of the mapping
+            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+                raise unreadable(path, exc) from exc
+        return out
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -125,10 +125,23 @@ class CalibrationBatch:
     ctx: AttentionContext | None = None
 
 
+#: rows of a matrix rotated at a time: the float64 copy of a vocab x D embedding is never made whole
+ROW_CHUNK = 4096
+
+
+def rotated_rows(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """W Q computed in float64 a block of ROW_CHUNK rows at a time, cast back to W's dtype.  (rows, D) -> (rows, d)"""
+    out = torch.empty(weight.shape[0], basis.shape[1], dtype=weight.dtype, device=weight.device)
+    basis = basis.to(weight.device)
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        out[start : start + ROW_CHUNK] = (weight[start : start + ROW_CHUNK].double() @ basis).to(weight.dtype)
+    return out
+
+
 def rotate_inputs(linears: list[nn.Linear], basis: torch.Tensor) -> None:
     """W <- W Q (out x D -> out x d), computed in float64."""
     for lin in linears:
-        lin.weight.data = (lin.weight.data.double() @ basis).to(lin.weight.dtype)
+        lin.weight.data = rotated_rows(lin.weight.data, basis)
 
 
 def rotate_outputs(linears: list[nn.Linear], basis: torch.Tensor) -> None:
@@ -155,9 +168,9 @@ def rotate_embeddings(model: SlicedModel, basis: torch.Tensor) -> None:
         start = model.embed_proj.double() if model.embed_proj is not None else torch.eye(basis.shape[0], dtype=torch.float64)
         model.embed_proj = (start @ basis).to(dtype)  # (D, d_0)
     else:
-        model.embed_tokens.weight.data = (model.embed_tokens.weight.data.double() @ basis).to(dtype)
+        model.embed_tokens.weight.data = rotated_rows(model.embed_tokens.weight.data, basis)
     if model.embed_positions is not None:
-        model.embed_positions.weight.data = (model.embed_positions.weight.data.double() @ basis).to(dtype)
+        model.embed_positions.weight.data = rotated_rows(model.embed_positions.weight.data, basis)
 
 
 def rotate_head_input(model: SlicedModel, basis: torch.Tensor) -> None:
@@ -201,7 +214,7 @@ def slice_tied_matrix(model: SlicedModel, U: torch.Tensor) -> None:
     """E <- E U (vocab, e), embed_proj <- U^T embed_proj, proj <- proj U: both ends read the same e columns."""
     dtype = model.embed_tokens.weight.dtype
     E = model.embed_tokens.weight
-    E.data = (E.data.double() @ U).to(dtype)
+    E.data = rotated_rows(E.data, U)
     start = model.embed_proj.double() if model.embed_proj is not None else torch.eye(U.shape[0], dtype=torch.float64)
     model.embed_proj = (U.T @ start).to(dtype)  # (e, d_emb)
     proj = model.lm_head.proj

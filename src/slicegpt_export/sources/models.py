@@ -54,10 +54,8 @@ def gguf_field_value(field: Any) -> dict[str, Any]:
     return {"type": kinds[field.types[0]], "value": value.item() if hasattr(value, "item") else value}
 
 
-def read_carried_gguf_metadata(path: Path) -> dict[str, dict[str, Any]]:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+def carried_gguf_metadata(reader: Any) -> dict[str, dict[str, Any]]:
+    """The keys of an open gguf.GGUFReader that GGUF exports carry over (CARRIED_GGUF_PREFIXES)."""
     return {k: gguf_field_value(f) for k, f in reader.fields.items() if k.startswith(CARRIED_GGUF_PREFIXES)}
 
 
@@ -109,21 +107,22 @@ def load_hf_folder(folder: Path, *, dtype: torch.dtype | None) -> SourceModel:
 
 
 def load_gguf(path: Path, *, dtype: torch.dtype | None) -> SourceModel:
-    """Dequantize a GGUF file (through gguf-py, as transformers maps it) into Hugging Face names."""
+    """A GGUF file's tensors under Hugging Face names, each dequantized (through gguf-py, as transformers maps it)
+    when it is taken (sources.gguf_tensors); float32 unless `dtype` says otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from slicegpt_export.sources.gguf_tensors import GGUFTensors
 
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
-        carried = read_carried_gguf_metadata(path)
+        tensors = GGUFTensors(path, config=config.to_dict(), skeleton=skeleton, dtype=dtype or torch.float32)
+        carried = carried_gguf_metadata(tensors.reader)
     except SliceGPTError:
         raise
     except Exception as exc:  # gguf-py raises bare ValueError/IndexError/struct errors on damaged files
         raise SliceGPTError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from exc
-    tensors = {name: t.to(dtype or torch.float32) for name, t in parsed["tensors"].items()}  # dequantized: float32
     hf_config = config.to_dict()
     return SourceModel(hf_config, tensors, load_tokenizer(path.parent, gguf_file=path.name), str(path), carried)
 

@@ -55,7 +55,7 @@ def reference_perplexities(
         return {str(text): reference.perplexity(text_windows(text, tokenizer, seqlen=seqlen, windows=windows, bos=bos), batch_size=batch_size,
                                                 progress=True) for text in texts}  # fmt: skip
     if is_sliced_checkpoint(Path(path)):
-        model = load_sliced(path, device=dev)
+        model = load_sliced(path, device=dev, dtype=torch.float32)  # a bf16/fp16 checkpoint computed in float32, as streamed
         tokenizer = load_tokenizer(Path(path))
         bos_windows = model.config.bos_windows
     else:

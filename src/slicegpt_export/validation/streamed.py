@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from slicegpt_export.checkpoint import build_checked, lazy_tensors, read_config
+from slicegpt_export.checkpoint import SlicedConfig, build_checked, lazy_tensors, read_config
 from slicegpt_export.modeling import AttentionContext, DecoderLayer, SlicedModel
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ class StreamedReference:
         for name in ("embed_proj", "inv_freq", "inv_freq_long", "local_inv_freq"):
             if getattr(self.model, name) is not None:
                 setattr(self.model, name, getattr(self.model, name).to(device))
+
+    @property
+    def config(self) -> SlicedConfig:
+        return self.model.config
 
     def block(self, idx: int) -> DecoderLayer:
         """Block `idx` read from the shards, on the device."""
