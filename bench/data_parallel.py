@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, REPO, WORK  # noqa: E402
+from common import DATA, REPO, WORK
 
 logger = logging.getLogger("bench.data_parallel")
 SLICE = ["slice", "--sparsity", "0.25", "--calib", str(DATA / "valid.txt"), "--calib-samples", "64", "--calib-seqlen", "512",

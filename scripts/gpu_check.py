@@ -119,7 +119,7 @@ def genai_cuda(onnx_dir: Path, checkpoint: Path) -> dict[str, Any]:
 def row(name: str, fn) -> dict[str, Any]:
     try:
         return {"check": name, **fn()}
-    except Exception as exc:  # a failing row is reported, the others still run
+    except Exception as exc:  # noqa: BLE001 -- a failing row is reported, the others still run
         traceback.print_exc()
         return {"check": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 

@@ -7,11 +7,11 @@ import json
 
 import onnx
 import pytest
+from tiny import write_sliced_checkpoint
 
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.onnx import export_onnx
 from slicegpt_export.validation.onnx_runner import validate_onnx
-from tiny import write_sliced_checkpoint
 
 #: families whose tiny models meet GroupQueryAttention's kernel limits (head size a multiple of 16, rotated channels too)
 FAMILIES = ["llama", "llama-tied", "mistral", "opt", "qwen2", "smollm3"]

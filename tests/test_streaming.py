@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import save_tiny_model
 
 from slicegpt_export.checkpoint import read_config, read_tensors
 from slicegpt_export.converter import streaming
 from slicegpt_export.converter.convert import slice_checkpoint
 from slicegpt_export.tensorio import WEIGHTS_INDEX_NAME, LazyTensors, ShardWriter
-from tiny import save_tiny_model
 
 #: (family, slicing options): both rotations that stream, pruned MLPs, a sliced tied matrix, fused qkv
 #: (Phi-3), post-norms (Gemma 2), q/k norms (Qwen3), LayerNorm (OPT) and a parallel block (Phi)
@@ -73,7 +73,7 @@ class CountingLayers(streaming.StreamedLayers):
 @pytest.mark.parametrize(("rotation", "most"), [("stage", 1), ("block", 2)])
 def test_at_most_two_blocks_in_memory(rotation, most, tmp_path, calib_text, monkeypatch):
     """Stage rotation holds one block at a time; block rotation also the next one (its attention previews)."""
-    import slicegpt_export.converter.convert as convert
+    from slicegpt_export.converter import convert
 
     folder = save_tiny_model("llama", tmp_path / "src")
     CountingLayers.most_live = 0
@@ -192,7 +192,7 @@ def test_onnx_weights_stream_to_external_data(tmp_path, calib_text):
     ckpt = slice_tiny(folder, tmp_path / "c", calib_text, sparsity=0.25, max_shard_bytes=50_000)
     out = export_onnx(checkpoint=ckpt, out=tmp_path / "onnx")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    external = sum(int(dict((e.key, e.value) for e in t.external_data)["length"]) for t in graph.initializer
+    external = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in graph.initializer
                    if t.data_location == onnx.TensorProto.EXTERNAL)  # fmt: skip
     weights = sum(t.numel() * 4 for t in read_tensors(ckpt).values())  # float32, as the fp32 graph stores them
     assert external >= 0.95 * weights

@@ -121,7 +121,7 @@ class LazyTensors(LazyMapping):
         for path in files:
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
+                    for name in f.keys():  # noqa: SIM118 -- a safetensors handle, not a dict
                         piece = f.get_slice(name)
                         self._where[name] = path
                         info[name] = (TORCH_DTYPES.get(piece.get_dtype(), torch.float32), tuple(piece.get_shape()))

@@ -29,30 +29,36 @@ from slicegpt_export.checkpoint import (
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
 from slicegpt_export.converter.calibration import calibration_size
-from slicegpt_export.converter.fusion import fusable_norm_names, fuse_global_norms, fuse_norms, post_norm_projections, scale_embeddings
 from slicegpt_export.converter.distributed import DataParallel
+from slicegpt_export.converter.fusion import (
+    fusable_norm_names,
+    fuse_global_norms,
+    fuse_norms,
+    post_norm_projections,
+    scale_embeddings,
+)
 from slicegpt_export.converter.mixture import BUILTIN_SOURCES, DenseWriter, calibration_windows, parse_spec
-from slicegpt_export.converter.streaming import StreamedLayers
 from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
     CalibrationBatch,
     LayerFeed,
     SumReduce,
-    no_reduce,
     dense_spectra,
+    no_reduce,
     rotate_and_slice,
     slice_tied_matrix,
     sliced_width,
     tied_matrix_basis,
     uniform_widths,
 )
+from slicegpt_export.converter.streaming import StreamedLayers
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import SlicedModel
 from slicegpt_export.sources.models import SourceModel, load_source, source_dtype
-from slicegpt_export.tensorio import DEFAULT_SHARD_BYTES, LazyTensors, ShardWriter
 from slicegpt_export.sources.text import window_bos
+from slicegpt_export.tensorio import DEFAULT_SHARD_BYTES, LazyMapping, ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +138,7 @@ def streamed_fused_model(source: SourceModel, *, dtype: torch.dtype) -> tuple[Sl
 
 def meta_tensors(tensors: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Empty meta tensors of the same names, shapes and dtypes (a lazy source answers from its file headers)."""
-    if isinstance(tensors, LazyTensors):
+    if isinstance(tensors, LazyMapping):
         return tensors.meta()
     return {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in tensors.items()}
 

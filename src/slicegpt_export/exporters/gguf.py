@@ -7,9 +7,11 @@ gguf_metadata.json), otherwise derived from the checkpoint's Hugging Face tokeni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -233,29 +235,61 @@ def stored_type(name: str, qtype: Q, shortcut_qtype: Q | None = None) -> Q:
     return qtype
 
 
-def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, shortcut_qtype: Q | None = None) -> tuple[np.ndarray, Q]:
-    """The array and type to store: 1-D tensors stay f32; rows not a multiple of the block fall back to f16."""
-    array = tensor.detach().float().cpu().numpy()
+def planned_type(name: str, shape: tuple[int, ...], qtype: Q, shortcut_qtype: Q | None = None) -> Q:
+    """The type a tensor of `shape` is stored in: 1-D tensors stay f32; rows not a multiple of the block fall back to f16."""
     qtype = stored_type(name, qtype, shortcut_qtype)
-    if array.ndim == 1 or qtype == Q.F32:
-        return array.astype(np.float32), Q.F32
+    if len(shape) == 1 or qtype == Q.F32:
+        return Q.F32
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    if array.shape[-1] % block:
-        logger.info("%s: row length %d is not a multiple of %d, stored as f16 (slice with --round-to 32 to avoid)",
-                    name, array.shape[-1], block)  # fmt: skip
-        qtype = Q.F16
-    if qtype == Q.F16:
+    if shape[-1] % block:
+        logger.info("%s: row length %d is not a multiple of %d, stored as f16 (slice with --round-to 32 to avoid)", name, shape[-1], block)
+        return Q.F16
+    return qtype
+
+
+def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, shortcut_qtype: Q | None = None) -> tuple[np.ndarray, Q]:
+    """The array to store and its type (planned_type)."""
+    array = tensor.detach().float().cpu().numpy()
+    stored = planned_type(name, array.shape, qtype, shortcut_qtype)
+    if stored == Q.F32:
+        return array.astype(np.float32), Q.F32
+    if stored == Q.F16:
         return array.astype(np.float16), Q.F16
-    return gguf.quants.quantize(array, qtype), qtype
+    return gguf.quants.quantize(array, stored), stored
 
 
-def gguf_tensors(tensors: Mapping[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Checkpoint tensors, read one at a time, under their GGUF names, right-multiplied matrices transposed to the
-    linear layout (d_out, d_in); then the `extra` tensors (already GGUF-named)."""
+@dataclasses.dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor of the file before its data is made: GGUF name, checkpoint name (None: made here), shape, type."""
+
+    name: str
+    source: str | None
+    shape: tuple[int, ...]  # as written: linear layout (d_out, d_in)
+    qtype: Q
+
+    def info(self) -> tuple[tuple[int, ...], type, int]:
+        """(shape, numpy dtype, bytes) as gguf-py's add_tensor_info takes them (block types: the byte shape, uint8)."""
+        if self.qtype in (Q.F32, Q.F16):
+            dtype = np.float32 if self.qtype == Q.F32 else np.float16
+            return self.shape, dtype, math.prod(self.shape) * np.dtype(dtype).itemsize
+        byte_shape = tuple(gguf.quant_shape_to_byte_shape(self.shape, self.qtype))
+        return byte_shape, np.uint8, math.prod(byte_shape)
+
+
+def plan_tensors(tensors: Mapping[str, torch.Tensor], shape_of: Callable[[str], tuple[int, ...]], extra: dict[str, torch.Tensor],
+                 qtype: Q, shortcut_qtype: Q | None) -> list[PlannedTensor]:  # fmt: skip
+    """Every tensor of the file, from shapes alone: right-multiplied matrices transposed to the linear layout."""
+    planned = []
     for name in tensors:
-        t = tensors[name]
-        yield spec.gguf_name(name), t.T if spec.is_right_multiplied(name) else t
-    yield from extra.items()
+        shape = tuple(shape_of(name))
+        if spec.is_right_multiplied(name):
+            shape = shape[::-1]
+        gguf_name = spec.gguf_name(name)
+        planned.append(PlannedTensor(gguf_name, name, shape, planned_type(gguf_name, shape, qtype, shortcut_qtype)))
+    for name, t in extra.items():
+        shape = tuple(t.shape)
+        planned.append(PlannedTensor(name, None, shape, planned_type(name, shape, qtype, shortcut_qtype)))
+    return planned
 
 
 def rope_tensors(cfg: SlicedConfig) -> dict[str, torch.Tensor]:
@@ -289,20 +323,29 @@ def export_gguf(
     tensors = lazy_tensors(checkpoint)  # read one at a time below
     n_params = parameter_count(tensors.meta())
     padded: Mapping[str, torch.Tensor] = tensors
+    shape_of = tensors.shape
     if qtype in BLOCK_TYPES:
         cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0])
+        shape_of = padded.shape
+    extra = rope_tensors(cfg)
+    planned = plan_tensors(padded, shape_of, extra, qtype, shortcut_qtype)
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         path = tmp / gguf_file_name(gguf_type)
-        w = SliceGPTWriter(str(path), spec.ARCH, use_temp_file=True)  # each tensor's data leaves memory once added
+        w = SliceGPTWriter(str(path), spec.ARCH)
         add_general(w, checkpoint, cfg, file_type, n_params)
         add_hyperparameters(w, cfg)
         add_tokenizer(w, checkpoint, cfg)
-        extra = rope_tensors(cfg)
-        for name, t in tqdm(gguf_tensors(padded, extra), total=len(padded) + len(extra), desc="converting tensors", unit="tensor", leave=False):
-            data, stored = tensor_data(name, t, qtype, shortcut_qtype)
-            w.add_tensor(name, data, raw_dtype=stored)
+        for p in planned:  # tensor infos first, from shapes: the data follows one tensor at a time, no temporary copy
+            shape, dtype, nbytes = p.info()
+            w.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=p.qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=True)
+        w.write_ti_data_to_file()
+        for p in tqdm(planned, desc="writing tensors", unit="tensor", leave=False):
+            t = extra[p.name] if p.source is None else padded[p.source]
+            data, stored = tensor_data(p.name, t.T if p.source is not None and spec.is_right_multiplied(p.source) else t, qtype, shortcut_qtype)
+            if stored != p.qtype or data.nbytes != p.info()[2]:
+                raise SliceGPTError(f"{p.name}: planned as {p.qtype.name}, made as {stored.name} ({data.nbytes} bytes)")
+            w.write_tensor_data(data)
         w.close()
     return Path(out) / gguf_file_name(gguf_type)

@@ -58,6 +58,16 @@ class PaddedTensors(Mapping[str, torch.Tensor]):
         t = self.tensors[name]
         return pad_dims(t, *self.plan[name]) if name in self.plan else t
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The padded shape, from the underlying mapping's `shape` (a lazy checkpoint's headers) without reading."""
+        shape = list(self.tensors.shape(name))  # type: ignore[attr-defined]
+        rows, cols = self.plan.get(name, (None, None))
+        if rows is not None:
+            shape[0] = rows
+        if cols is not None and len(shape) > 1:
+            shape[-1] = cols
+        return tuple(shape)
+
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
 

@@ -31,7 +31,12 @@ class GGUFTensors(LazyMapping):
 
     def __init__(self, path: Path, *, config: dict[str, Any], skeleton: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
 
         self.reader = GGUFReader(str(path))
         architecture = read_field(self.reader, "general.architecture")[0]

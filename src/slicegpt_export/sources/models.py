@@ -14,7 +14,7 @@ import torch
 from slicegpt_export.checkpoint import lazy_tensors, read_json
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.tokenizer import load_tokenizer
-from slicegpt_export.tensorio import LazyTensors
+from slicegpt_export.tensorio import LazyMapping
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def load_gguf(path: Path, *, dtype: torch.dtype | None) -> SourceModel:
 def source_dtype(source: SourceModel) -> torch.dtype:
     """The dtype the source's tensors come in (the first tensor's; a lazy source answers from its headers)."""
     tensors, name = source.tensors, next(iter(source.tensors))
-    if isinstance(tensors, LazyTensors):
+    if isinstance(tensors, LazyMapping):
         return tensors.dtype or tensors.stored_dtype(name)
     return tensors[name].dtype
 
