@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -37,6 +39,21 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
+def return_freed_memory() -> None:
+    """Hand memory freed by the C allocator back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Slicing frees a block's tensors and allocates the next block's, of the same sizes; glibc keeps
+    much of what was freed in its heap, so without this the resident size creeps up block by block
+    (measured: about 35 MiB per 2048-wide block) although nothing is held.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 def unreadable(path: Path, exc: Exception) -> SliceGPTError:
     return SliceGPTError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}")
 
@@ -53,6 +70,9 @@ class LazyMapping(MutableMapping[str, torch.Tensor]):
         self.dtype = dtype
         self._info = info  # name -> (stored dtype, shape) of every tensor still on disk
         self._held: dict[str, torch.Tensor] = {}
+
+    #: whether read_stored returns memory of its own (else a view of a mapped file, copied before it is handed out)
+    owned = False
 
     def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The stored tensors `names` (all on disk), as they are stored."""
@@ -78,7 +98,11 @@ class LazyMapping(MutableMapping[str, torch.Tensor]):
         out = {}
         for name in names:
             t = self._held[name] if name in self._held else stored[name]
-            out[name] = t.to(self.dtype) if self.dtype is not None and t.dtype != self.dtype else t
+            if self.dtype is not None and t.dtype != self.dtype:
+                t = t.to(self.dtype)  # a copy
+            elif name in stored and not self.owned:
+                t = t.clone()
+            out[name] = t
         return out
 
     def read_all(self) -> dict[str, torch.Tensor]:
@@ -138,7 +162,7 @@ class LazyTensors(LazyMapping):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for name in group:
-                        out[name] = f.get_tensor(name).clone()  # owned memory, not a view of the mapping
+                        out[name] = f.get_tensor(name)
             except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
                 raise unreadable(path, exc) from exc
         return out

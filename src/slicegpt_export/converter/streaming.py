@@ -18,6 +18,7 @@ from slicegpt_export.converter.adapters import FamilyAdapter
 from slicegpt_export.converter.fusion import fusable_norm_names, fuse_layer_norms, post_norm_projections
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import DecoderLayer, SlicedModel
+from slicegpt_export.tensorio import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +82,4 @@ class StreamedLayers:
             self.sink(self.model.layer_weights(idx))
         self.model.layers[idx].to("meta")
         self.live.discard(idx)
+        return_freed_memory()

@@ -52,6 +52,8 @@ class GGUFTensors(LazyMapping):
                 info[name] = (torch.float32, tuple(int(d) for d in reversed(t.shape.tolist())))  # GGUF lists dims innermost first
         super().__init__(info, dtype=dtype)
 
+    owned = True  # dequantized into new arrays
+
     def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
         from gguf.quants import dequantize
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from slicegpt_export.checkpoint import SlicedConfig, build_checked, lazy_tensors, read_config
 from slicegpt_export.modeling import AttentionContext, DecoderLayer, SlicedModel
+from slicegpt_export.tensorio import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class StreamedReference:
             layer = self.block(i)
             xs = [layer(x, ctx) for x, ctx in zip(xs, contexts)]  # (B, T, d_out)
             layer.to("meta")
+            return_freed_memory()
         return [model.head(x).float().cpu() for x in xs]
 
     def perplexity(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> float:
