@@ -38,14 +38,13 @@ from slicegpt_export.converter.fusion import (
     scale_embeddings,
 )
 from slicegpt_export.converter.mixture import BUILTIN_SOURCES, DenseWriter, calibration_windows, parse_spec
+from slicegpt_export.converter.pca import ONE_PROCESS, Reduction
 from slicegpt_export.converter.sensitivity import measure_sensitivities, sensitivity_plan
 from slicegpt_export.converter.slicing import (
     ROTATIONS,
     CalibrationBatch,
     LayerFeed,
-    SumReduce,
     dense_spectra,
-    no_reduce,
     rotate_and_slice,
     slice_tied_matrix,
     sliced_width,
@@ -254,7 +253,7 @@ def slice_fused(
     progress: bool = False,
     rotate: bool = True,
     feed: LayerFeed | None = None,
-    reduce: SumReduce = no_reduce,
+    reduce: Reduction = ONE_PROCESS,
 ) -> dict[str, list[float]]:
     """Rotate and slice a fused model in place on the calibration windows `calib` (n, T).
 
@@ -423,7 +422,7 @@ def slice_checkpoint(
             progress=progress and writes,
             rotate=rotate,
             feed=feed,
-            reduce=data_parallel.all_reduce if data_parallel is not None else no_reduce,
+            reduce=data_parallel if data_parallel is not None else ONE_PROCESS,
         )
         cfg.source_model = source.origin
         cfg.calibration = {

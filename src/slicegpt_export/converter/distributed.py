@@ -35,10 +35,17 @@ class DataParallel:
     def writes(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum of `t` over all processes (each process gets it), on `t`'s device."""
-        carrier = t if (t.device.type == "cuda") == (self.device.type == "cuda") else t.to(self.device)
-        dist.all_reduce(carrier, op=dist.ReduceOp.SUM)
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over all processes (each process gets it), on `t`'s device (a pca.Reduction)."""
+        return self.all_reduce(t, dist.ReduceOp.SUM)
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """The largest `t` over all processes."""
+        return self.all_reduce(t, dist.ReduceOp.MAX)
+
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+        carrier = t.clone() if (t.device.type == "cuda") == (self.device.type == "cuda") else t.to(self.device)
+        dist.all_reduce(carrier, op=op)
         return carrier.to(t.device)
 
     def share(self, ids: torch.Tensor) -> torch.Tensor:

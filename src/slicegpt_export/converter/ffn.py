@@ -22,20 +22,6 @@ from slicegpt_export.modeling import MLP
 DAMPING = 0.01  # fraction of the mean diagonal of G added before solving
 
 
-class GramAccumulator:
-    """G = sum_i A_i^T A_i over calibration batches, padding rows excluded.  (F, F) float64."""
-
-    def __init__(self, width: int, device: torch.device) -> None:
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-
-    def add(self, a: torch.Tensor, mask: torch.Tensor | None) -> None:
-        rows = a.reshape(-1, a.shape[-1])  # (B*T, F)
-        if mask is not None:
-            rows = rows[mask.reshape(-1).bool()]
-        rows = rows.double()
-        self.gram.addmm_(rows.T, rows)
-
-
 def neurons_to_keep(gram: torch.Tensor, down: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (sorted) of the `keep` neurons with the largest output energy G_jj ||W_down[:, j]||^2."""
     energy = gram.diagonal() * down.double().pow(2).sum(0)  # (F,)

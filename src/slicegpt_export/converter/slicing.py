@@ -37,21 +37,13 @@ import torch
 from torch import nn
 
 from slicegpt_export.checkpoint import LayerWidths
-from slicegpt_export.converter.ffn import GramAccumulator, prune_mlp
-from slicegpt_export.converter.pca import CovarianceAccumulator, principal_components
+from slicegpt_export.converter.ffn import prune_mlp
+from slicegpt_export.converter.pca import ONE_PROCESS, Reduction, exact_gram_sum, masked_rows, principal_components
 from slicegpt_export.modeling import MLP, AttentionContext, DecoderLayer, ResidualStage, SlicedModel, rms_norm
 
 logger = logging.getLogger(__name__)
 
 ROTATIONS = ("stage", "block", "global")
-
-#: sums a tensor over the processes of a data-parallel run, in place (identity in a single process)
-SumReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def no_reduce(t: torch.Tensor) -> torch.Tensor:
-    return t
-
 
 class LayerFeed(Protocol):
     """Where rotate_and_slice takes each block from and hands it back to (see ResidentLayers, converter/streaming.py)."""
@@ -182,18 +174,15 @@ def rotate_head_input(model: SlicedModel, basis: torch.Tensor) -> None:
         rotate_inputs([model.lm_head], basis)
 
 
-def covariance(signal_batches: list[list[torch.Tensor]], batches: list[CalibrationBatch], reduce: SumReduce = no_reduce) -> torch.Tensor:
-    """sum over signals, batches (and processes) of X^T X (padding rows excluded); (D, D) float64."""
-    acc = CovarianceAccumulator(signal_batches[0][0].shape[-1], signal_batches[0][0].device)
-    for signals in signal_batches:
-        for y, batch in zip(signals, batches):
-            acc.add(y, batch.mask)
-    return reduce(acc.cov)
+def covariance(signal_batches: list[list[torch.Tensor]], batches: list[CalibrationBatch], reduce: Reduction = ONE_PROCESS) -> torch.Tensor:
+    """sum over signals, batches (and processes) of X^T X (padding rows excluded); (D, D) float64, the same bits
+    however the batches are split between processes (pca.exact_gram_sum)."""
+    return exact_gram_sum(lambda: (masked_rows(y, b.mask) for signals in signal_batches for y, b in zip(signals, batches)), reduce)
 
 
 @torch.no_grad()
 def tied_matrix_basis(
-    model: SlicedModel, head_inputs: list[torch.Tensor], batches: list[CalibrationBatch], width: int, reduce: SumReduce = no_reduce
+    model: SlicedModel, head_inputs: list[torch.Tensor], batches: list[CalibrationBatch], width: int, reduce: Reduction = ONE_PROCESS
 ) -> torch.Tensor:
     """U (D, e): where a tied embedding matrix E may be sliced to E U with least harm at both of its ends.
 
@@ -221,12 +210,9 @@ def slice_tied_matrix(model: SlicedModel, U: torch.Tensor) -> None:
     proj.data = (proj.data.double() @ U).to(dtype)  # (head_in, e)
 
 
-def mlp_gram(stage: ResidualStage, mlp: MLP, xs: list[torch.Tensor], batches: list[CalibrationBatch], reduce: SumReduce) -> torch.Tensor:
-    """Gram matrix A^T A of the MLP's neuron activations on the stage inputs `xs` (as the sliced model sees them)."""
-    acc = GramAccumulator(mlp.up_proj.out_features, xs[0].device)
-    for x, b in zip(xs, batches):
-        acc.add(mlp.hidden(rms_norm(x, stage.full_width, stage.eps)), b.mask)
-    return reduce(acc.gram)
+def mlp_gram(stage: ResidualStage, mlp: MLP, xs: list[torch.Tensor], batches: list[CalibrationBatch], reduce: Reduction) -> torch.Tensor:
+    """Gram matrix A^T A (F, F) of the MLP's neuron activations on the stage inputs `xs` (as the sliced model sees them)."""
+    return exact_gram_sum(lambda: (masked_rows(mlp.hidden(rms_norm(x, stage.full_width, stage.eps)), b.mask) for x, b in zip(xs, batches)), reduce)
 
 
 def mid_block_preview(stage: ResidualStage, ys: list[torch.Tensor], batches: list[CalibrationBatch]) -> list[torch.Tensor]:
@@ -322,7 +308,7 @@ def rotate_and_slice(
     intermediates: list[int] | None = None,
     on_layer: Callable[[int], None] | None = None,
     feed: LayerFeed | None = None,
-    reduce: SumReduce = no_reduce,
+    reduce: Reduction = ONE_PROCESS,
 ) -> SlicingResult:
     """Rotate and slice a fused model in place; `widths` has one width per signal of :func:`signal_names`.
 
@@ -331,13 +317,14 @@ def rotate_and_slice(
     calibration activations stay there.  Blocks come from `feed` (default: the model's own) and
     go back to it once sliced; with block rotation the next block is taken early (its attention
     previews the mid-block signal).  `reduce` sums every covariance and Gram matrix over the
-    processes of a data-parallel run before it is decomposed, so each process slices alike.
+    processes of a data-parallel run before it is decomposed (exactly: pca.exact_gram_sum), so each process
+    slices alike, and alike with any number of processes.
     """
     feed = feed if feed is not None else ResidentLayers(model)
     rotated = set(rotated_stages(model, rotation))
     if len(widths) != len(rotated) + 1:
         raise ValueError(f"{len(widths)} widths for {len(rotated) + 1} signals")
-    if rotation == "global" and reduce is not no_reduce:
+    if rotation == "global" and reduce is not ONE_PROCESS:
         raise ValueError("global rotation is not data-parallel")
     dtype = model.embed_tokens.weight.dtype
     eigenvalues: dict[str, list[float]] = {}
