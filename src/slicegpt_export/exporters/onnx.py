@@ -36,7 +36,13 @@ from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import CONFIG_NAME, SlicedConfig, lazy_tensors, read_config
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.padding import pad_residual_widths
-from slicegpt_export.modeling import layer_is_sliding, longrope_original_context, rope_attention_factor, rope_inverse_frequencies
+from slicegpt_export.modeling import (
+    layer_is_sliding,
+    longrope_original_context,
+    rope_attention_factor,
+    rope_inverse_frequencies,
+    tied_width,
+)
 from slicegpt_export.onnx_spec import (
     ATTENTION_MASK,
     EXTERNAL_DATA_FILE,
@@ -428,7 +434,7 @@ class DecoderGraph:
         """logits = (h @ proj) E^T + b, with the one embedding initializer E (vocab, e) read by a Gemm (transB=1)."""
         cfg, g = self.cfg, self.g
         y = g.op("MatMul", [h, g.weight("lm_head.proj", self.tensors["lm_head.proj"])], name="lm_head/proj")  # (B, T, e)
-        width = self.tensors["embed_tokens.weight"].shape[1]  # e: D, or fewer when E itself was sliced
+        width = tied_width(cfg)  # e: D, or fewer when E itself was sliced (from the config: the checkpoint is read lazily)
         rows = g.op("Reshape", [y, g.const_i64("lm_head.rows", [-1, width])], name="lm_head/rows")  # (B*T, e)
         inputs = [rows, "embed_tokens.weight"]
         if "lm_head.bias" in self.tensors:
