@@ -51,7 +51,7 @@ from slicegpt_export.converter.slicing import (
     tied_matrix_basis,
     uniform_widths,
 )
-from slicegpt_export.converter.streaming import StreamedLayers
+from slicegpt_export.converter.streaming import StreamedLayers, take_renamed
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import SlicedModel
@@ -89,11 +89,7 @@ def canonical_tensors(
 ) -> dict[str, torch.Tensor]:
     """Source tensors taken out of `source`, renamed to the canonical names and cast to `dtype` (None: as they come)."""
     adapter.prepare_source_tensors(source, num_layers)
-    names = canonical_names(adapter, num_layers)
-    missing = [s for s in names.values() if s not in source]
-    if missing:
-        raise SliceGPTError(f"source model lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    tensors = {c: cast(source.pop(s), dtype) for c, s in names.items()}  # moved, not copied
+    tensors = {c: cast(t, dtype) for c, t in take_renamed(source, canonical_names(adapter, num_layers)).items()}  # moved, not copied
     if source:
         logger.info("ignoring %d source tensors the family does not use (e.g. %s)", len(source), next(iter(source)))
         source.clear()

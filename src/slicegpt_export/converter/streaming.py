@@ -36,11 +36,15 @@ def take_layer_tensors(adapter: FamilyAdapter, source: MutableMapping[str, torch
     prefixes = layer_prefixes(adapter, idx)
     raw = {name: source.pop(name) for name in [n for n in source if n.startswith(prefixes)]}
     adapter.prepare_source_tensors(raw, num_layers)
-    names = {c.format(i=idx): s.format(i=idx) for c, s in adapter.layer_tensor_names().items()}
-    missing = [s for s in names.values() if s not in raw]
+    return take_renamed(raw, {c.format(i=idx): s.format(i=idx) for c, s in adapter.layer_tensor_names().items()})
+
+
+def take_renamed(source: MutableMapping[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` maps to (canonical -> source name), taken out of `source`; one line naming what is missing."""
+    missing = [s for s in names.values() if s not in source]
     if missing:
         raise SliceGPTError(f"source model lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    return {c: raw.pop(s) for c, s in names.items()}
+    return {c: source.pop(s) for c, s in names.items()}
 
 
 class StreamedLayers:
