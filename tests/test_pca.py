@@ -41,3 +41,21 @@ def test_gram_sum_is_the_same_bits_however_the_blocks_are_split():
     plain = sum(b.T @ b for b in blocks)
     assert torch.allclose(exact_gram_sum(lambda: blocks), plain, rtol=0, atol=1e-15 * plain.abs().max().item())
     assert torch.equal(exact_gram_sum(lambda: blocks), whole.double() / scale)
+
+
+def test_principal_components_are_the_same_bits_with_any_thread_count():
+    """LAPACK's threaded eigh differs in the last bits with 1 vs 2 threads (a 576-wide covariance shows it);
+    Q_l must not, or a data-parallel run (one thread per process) would not reproduce a one-process run."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(700, 576, generator=gen, dtype=torch.float64)
+    cov = a.T @ a  # (576, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = principal_components(cov)
+        assert torch.get_num_threads() == 2  # restored after the decomposition
+        torch.set_num_threads(1)
+        one = principal_components(cov)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[1])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -87,10 +88,31 @@ def principal_components(cov: torch.Tensor, damping: float = DAMPING) -> tuple[t
     shift = damping * cov.diagonal().mean()
     damped = cov.clone()
     damped.diagonal().add_(shift)
-    eigenvalues, eigenvectors = torch.linalg.eigh(damped)  # ascending
+    with one_cpu_thread(damped.device):
+        eigenvalues, eigenvectors = torch.linalg.eigh(damped)  # ascending
     order = torch.argsort(eigenvalues, descending=True)
     Q = eigenvectors[:, order]  # (D, D)
     return eigenvalues[order] - shift, Q * column_signs(Q)
+
+
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block with one torch thread when `device` is the CPU (the previous count restored after).
+
+    LAPACK's threaded eigensolver returns other bits with another thread count, and in a
+    near-degenerate eigenpair a last-bit change rotates the eigenvectors far (relative weight
+    changes of order 1): with one thread, Q_l is the same whatever threads or processes
+    (torchrun gives each one thread) computed it.  CUDA's solver does not depend on it.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def column_signs(Q: torch.Tensor) -> torch.Tensor:
