@@ -166,8 +166,44 @@ def test_streamed_reference_matches_the_whole_model(family, tmp_path, calib_text
     out = slice_tiny(folder, tmp_path / "o", calib_text, sparsity=0.25, max_shard_bytes=50_000)
     ids = torch.randint(0, 256, (5, 40), generator=torch.Generator().manual_seed(3))
     expected = load_sliced(out)(ids).logits
-    got = torch.cat(StreamedReference(out, device=torch.device("cpu")).logits(ids, batch_size=2))
+    got = torch.cat(list(StreamedReference(out, device=torch.device("cpu")).logits(ids, batch_size=2)))
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_validate_streams_the_reference_one_block_at_a_time(tmp_path, calib_text, monkeypatch):
+    """`validate --stream`: the reference's perplexity and the ONNX graph's logit difference as with the whole reference
+    (within 1e-6), while no more than one block of the reference is ever off the meta device."""
+    from slicegpt_export.exporters.onnx import export_onnx
+    from slicegpt_export.validation import streamed
+    from slicegpt_export.validation.report import validate_directory
+
+    folder = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "job"
+    slice_tiny(folder, out / "checkpoint", calib_text, sparsity=0.25, max_shard_bytes=50_000)
+    export_onnx(checkpoint=out / "checkpoint", out=out / "onnx")
+    resident = {r.name: r for r in validate_directory(out, text=calib_text, seqlen=32, windows=6, batch_size=4)}
+    most: list[int] = []
+    block = streamed.StreamedReference.block
+
+    def counted(self: streamed.StreamedReference, idx: int):
+        layer = block(self, idx)
+        most.append(sum(not next(m.parameters()).is_meta for m in self.model.layers))
+        return layer
+
+    monkeypatch.setattr(streamed.StreamedReference, "block", counted)
+    streamed_results = {r.name: r for r in validate_directory(out, text=calib_text, seqlen=32, windows=6, batch_size=4, stream=True)}
+    assert "dense source" in resident and "dense source" not in streamed_results  # the dense source would be loaded whole
+    assert streamed_results["reference"].perplexity == pytest.approx(resident["reference"].perplexity, rel=1e-6)
+    assert streamed_results["onnx"].max_abs_diff == pytest.approx(resident["onnx"].max_abs_diff, rel=1e-6, abs=1e-7)
+    assert most and max(most) == 1
+    from typer.testing import CliRunner
+
+    from slicegpt_export.cli import app
+
+    done = CliRunner().invoke(app, ["validate", str(out), "--text", str(calib_text), "--seqlen", "32", "--windows", "6", "--device", "cpu", "--stream"])
+    assert done.exit_code == 0, done.output
+    table = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in table["artifacts"]] == ["reference", "onnx"]  # no dense source
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])

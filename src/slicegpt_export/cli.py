@@ -431,6 +431,8 @@ def validate_command(
     sweep: Annotated[str | None, typer.Option(help=SWEEP_HELP)] = None,
     device: Annotated[str, typer.Option(help="Where the PyTorch reference and the dense source run: auto, cpu or cuda[:N].")] = "auto",
     fidelity: Annotated[bool, typer.Option(help="Compare with the dense source on held-out chat prompts (fidelity, greedy answers).")] = True,
+    stream: Annotated[bool, typer.Option("--stream", help="Run the reference one block at a time from the checkpoint's shards (for models larger than memory); "
+                                                          "leaves out the dense source and fidelity, which load whole models.")] = False,
 ) -> None:
     """Perplexity and logit agreement of every artifact found; writes report.md, report.json and plots."""
     from slicegpt_export.pipeline import sweep_sparsities
@@ -452,9 +454,11 @@ def validate_command(
     count = window_count(windows)
     texts = text or []
     ids = evaluation_ids(checkpoint, texts[0], seqlen=seqlen, windows=count) if texts else None  # shared by all
-    results = validate_directory(directory, text=texts or None, seqlen=seqlen, windows=count, device=device, ids=ids)
+    results = validate_directory(directory, text=texts or None, seqlen=seqlen, windows=count, device=device, ids=ids, stream=stream)
     rows = sweep_sparsities(checkpoint, sparsities, text=texts[0], out=directory / "sweep", seqlen=seqlen, windows=count, ids=ids) if sparsities else None
-    quality = quality_beyond_calibration(checkpoint) if fidelity else None
+    if stream and fidelity:
+        logger.info("no fidelity measurement with --stream: it loads the dense source and the checkpoint whole")
+    quality = quality_beyond_calibration(checkpoint) if fidelity and not stream else None
     report = write_report(directory, results, checkpoint=checkpoint, sweep=rows, extra={"quality": quality})
     typer.echo(markdown_table(results))
     if agreement_note(results):

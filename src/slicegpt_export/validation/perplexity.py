@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,17 @@ def perplexity(
 
     The progress bar reads "perplexity: <label>" (the artifact being measured) when a label is given.
     """
-    total, count = 0.0, 0
     desc = f"perplexity: {label}" if label else "perplexity"
-    for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
-        logits = logits_fn(batch).float()  # (B, T, V)
+    batches = tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress)
+    return perplexity_of((batch, logits_fn(batch)) for batch in batches)
+
+
+@torch.no_grad()
+def perplexity_of(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """exp(sum NLL / count) over positions 1..T-1 of (ids (B, T), logits (B, T, V)) batches, logits taken in float32."""
+    total, count = 0.0, 0
+    for batch, logits in batches:
+        logits = logits.float()  # (B, T, V)
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten().to(logits.device), reduction="sum")
         total += nll.item()
         count += batch[:, 1:].numel()

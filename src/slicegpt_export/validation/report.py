@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from slicegpt_export.atomic import atomic_file
-from slicegpt_export.checkpoint import load_sliced, read_config, read_spectra
+from slicegpt_export.checkpoint import read_config, read_spectra
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.text import text_windows, window_bos
 from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.perplexity import LogitsFn, perplexity
 from slicegpt_export.validation.runners import is_sliced_checkpoint
+from slicegpt_export.validation.streamed import open_reference
 
 logger = logging.getLogger(__name__)
 
@@ -130,20 +131,21 @@ def evaluation_texts(text: Path | Sequence[Path] | None) -> list[Path]:
 @torch.no_grad()
 def validate_directory(
     directory: Path, *, text: Path | Sequence[Path] | None, seqlen: int = 512, windows: int | None = 64, batch_size: int = 8,
-    dense: bool = True, device: str | torch.device = "cpu", ids: torch.Tensor | None = None,
+    dense: bool = True, device: str | torch.device = "cpu", ids: torch.Tensor | None = None, stream: bool = False,
 ) -> list[ArtifactResult]:  # fmt: skip
     """Perplexity on each text and agreement with the reference of every artifact; the dense source's perplexity when at hand.
 
     Every artifact is measured on the same windows of each text, tokenized here once (`ids`: the
     first text's windows when already tokenized, see evaluation_ids).  Logits are compared on the
     first windows of the first text (random tokens without one).  The reference and the dense
-    source run on `device`.
+    source run on `device`.  With `stream` the reference runs layer-streamed from the checkpoint's
+    shards (validation.streamed) and the dense source, which would be loaded whole, is left out.
     """
     artifacts = find_artifacts(directory)
     cfg, _ = read_config(artifacts.checkpoint)
     seqlen = min(seqlen, cfg.max_position_embeddings)  # exported graphs hold rotary tables for this many positions
     dev = resolve_device(device)
-    reference = load_sliced(artifacts.checkpoint, device=dev)
+    reference = open_reference(artifacts.checkpoint, device=dev, stream=stream)
     texts = evaluation_texts(text)
     windows_of = {
         text_name(t): ids if i == 0 and ids is not None else evaluation_ids(artifacts.checkpoint, t, seqlen=seqlen, windows=windows)
@@ -155,38 +157,43 @@ def validate_directory(
         ids = torch.randint(0, cfg.vocab_size, (COMPARE_WINDOWS, seqlen), generator=torch.Generator().manual_seed(0))
     compare = ids[:COMPARE_WINDOWS]
     compared_on = describe_windows(compare, text)
-    ref_logits = reference(compare.to(dev)).logits
+    ref_logits = torch.cat(list(reference.logits(compare)))  # (COMPARE_WINDOWS, T, vocab)
     if text is not None:
         logger.info("perplexity of every artifact on %s; logit differences on %s", describe_windows(ids, text), compared_on)
     else:
         logger.info("no evaluation text, so no perplexity: logit differences on %s", compared_on)
 
-    def evaluate(name: str, path: Path, fn: LogitsFn, with_agreement: bool) -> ArtifactResult:
+    def evaluate(name: str, path: Path, measure: Callable[[torch.Tensor, str], float], compared: LogitsFn | None) -> ArtifactResult:
+        """`measure(windows, label)` gives a perplexity; `compared` (an artifact's logits) is checked against the reference."""
         result = ArtifactResult(name, str(path), size_mb(path) if path.exists() else None)
         for label, text_ids in windows_of.items():
-            bar = name if len(windows_of) == 1 else f"{name} on {label}"
-            result.perplexities[label] = perplexity(fn, text_ids, batch_size=batch_size, progress=True, label=bar)
+            result.perplexities[label] = measure(text_ids, name if len(windows_of) == 1 else f"{name} on {label}")
         if windows_of:
             result.perplexity = next(iter(result.perplexities.values()))
-        if with_agreement:
-            for k, v in agreement(ref_logits, fn(compare)).items():
+        if compared is not None:
+            for k, v in agreement(ref_logits, compared(compare)).items():
                 setattr(result, k, v)
             result.compared_on = compared_on
         logger.info("%s: perplexity %s, max |logit diff| %s, top-1 %s", name, fmt(result.perplexity, ".3f"),
                     fmt(result.max_abs_diff, ".3g"), fmt(result.top1_agreement, ".1%"))  # fmt: skip
         return result
 
-    def on_device(model: Callable[..., Any]) -> LogitsFn:
-        return lambda x: model(x.to(dev)).logits
+    def measured_by(fn: LogitsFn) -> Callable[[torch.Tensor, str], float]:
+        return lambda windows, label: perplexity(fn, windows, batch_size=batch_size, progress=True, label=label)
 
-    results = [evaluate("reference", artifacts.checkpoint, on_device(reference), False)]
+    results = [evaluate("reference", artifacts.checkpoint,
+                        lambda windows, label: reference.perplexity(windows, batch_size=batch_size, progress=True, label=label), None)]  # fmt: skip
     for name, path, factory in artifact_runners(artifacts, n_ctx=max(seqlen, ids.shape[1])):
-        results.append(evaluate(name, path, factory(), True))
+        fn = factory()
+        results.append(evaluate(name, path, measured_by(fn), fn))
     source = cfg.source_model
-    if dense and texts and source and Path(source).exists():
+    if stream and dense and texts:
+        logger.info("no dense source perplexity: validating with the reference streamed, and the dense source would be loaded whole")
+    elif dense and texts and source and Path(source).exists():
         from slicegpt_export.sources.models import dense_model, load_source
 
-        results.insert(0, evaluate("dense source", Path(source), on_device(dense_model(load_source(source)).to(dev)), False))
+        model = dense_model(load_source(source)).to(dev)
+        results.insert(0, evaluate("dense source", Path(source), measured_by(lambda x: model(x.to(dev)).logits), None))
     return results
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from slicegpt_export.checkpoint import CONFIG_NAME, SECTION, load_sliced
+from slicegpt_export.checkpoint import CONFIG_NAME, SECTION
 from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.models import dense_model, load_source
 from slicegpt_export.sources.text import evaluation_windows, read_local_text, text_windows, window_bos
 from slicegpt_export.sources.tokenizer import load_tokenizer
 from slicegpt_export.validation.perplexity import perplexity
-from slicegpt_export.validation.streamed import StreamedReference
+from slicegpt_export.validation.streamed import open_reference
 
 
 def is_sliced_checkpoint(path: Path) -> bool:
@@ -45,28 +45,22 @@ def reference_perplexities(
     With `stream` a sliced checkpoint runs layer-streamed from its shards (validation.streamed).
     """
     dev = resolve_device(device)
-    bos_windows = False
-    if stream:
-        if not is_sliced_checkpoint(Path(path)):
-            raise SliceGPTError(f"{path} is not a sliced checkpoint: only a checkpoint's reference runs layer-streamed")
-        reference = StreamedReference(Path(path), device=dev)
+    if is_sliced_checkpoint(Path(path)):
+        reference = open_reference(Path(path), device=dev, stream=stream)
         tokenizer = load_tokenizer(Path(path))
+        if tokenizer is None:
+            raise SliceGPTError(f"{path} has no tokenizer to read the evaluation text with")
         bos = window_bos(tokenizer, reference.config.bos_windows)
         return {str(text): reference.perplexity(text_windows(text, tokenizer, seqlen=seqlen, windows=windows, bos=bos), batch_size=batch_size,
                                                 progress=True) for text in texts}  # fmt: skip
-    if is_sliced_checkpoint(Path(path)):
-        model = load_sliced(path, device=dev, dtype=torch.float32)  # a bf16/fp16 checkpoint computed in float32, as streamed
-        tokenizer = load_tokenizer(Path(path))
-        bos_windows = model.config.bos_windows
-    else:
-        source = load_source(str(path))
-        tokenizer = source.tokenizer
-        model = dense_model(source).to(dev)
-    if tokenizer is None:
+    if stream:
+        raise SliceGPTError(f"{path} is not a sliced checkpoint: only a checkpoint's reference runs layer-streamed")
+    source = load_source(str(path))
+    if source.tokenizer is None:
         raise SliceGPTError(f"{path} has no tokenizer to read the evaluation text with")
+    model = dense_model(source).to(dev)
     return {
-        str(text): perplexity(reference_logits_fn(model, dev),
-                              text_windows(text, tokenizer, seqlen=seqlen, windows=windows, bos=window_bos(tokenizer, bos_windows)),
+        str(text): perplexity(reference_logits_fn(model, dev), text_windows(text, source.tokenizer, seqlen=seqlen, windows=windows, bos=None),
                               batch_size=batch_size, progress=True)
         for text in texts
     }  # fmt: skip

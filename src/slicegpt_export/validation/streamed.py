@@ -1,25 +1,65 @@
-"""The reference model run layer-streamed from a checkpoint's shards: validation of models larger than host memory.
+"""The PyTorch reference of a sliced checkpoint, whole in memory or run layer-streamed from its shards.
 
-Every evaluation window is embedded at once; then each block is read from the shards, moved to the
-device, applied to all windows and dropped, so memory holds the embeddings, the head, one block and
-the activations (B x T x d on the device), never the model.  Logits are taken per batch at the end.
+Streamed (validation of models larger than host memory): every evaluation window is embedded at
+once; then each block is read from the shards, moved to the device, applied to all windows and
+dropped, so memory holds the embeddings, the head, one block and the activations (n x T x d on the
+device), never the model.  Logits are taken per batch at the end, one batch at a time.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from slicegpt_export.checkpoint import SlicedConfig, build_checked, lazy_tensors, read_config
+from slicegpt_export.checkpoint import SlicedConfig, build_checked, lazy_tensors, load_sliced, read_config
 from slicegpt_export.modeling import AttentionContext, DecoderLayer, SlicedModel
 from slicegpt_export.tensorio import return_freed_memory
+from slicegpt_export.validation.perplexity import perplexity, perplexity_of
 
 logger = logging.getLogger(__name__)
+
+
+class Reference(Protocol):
+    """What validation asks of the reference, whole or streamed."""
+
+    @property
+    def config(self) -> SlicedConfig: ...
+
+    def logits(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> Iterator[torch.Tensor]: ...
+
+    def perplexity(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, label: str | None = None) -> float: ...
+
+
+def open_reference(checkpoint: Path, *, device: torch.device, stream: bool) -> Reference:
+    """The checkpoint's reference computing in float32 on `device` (a bf16/fp16 checkpoint too): layer-streamed or whole."""
+    return StreamedReference(checkpoint, device=device) if stream else ResidentReference(checkpoint, device=device)
+
+
+class ResidentReference:
+    """A sliced checkpoint loaded whole, float32 on `device`."""
+
+    def __init__(self, checkpoint: Path, *, device: torch.device) -> None:
+        self.device = device
+        self.model: SlicedModel = load_sliced(checkpoint, device=device, dtype=torch.float32)
+
+    @property
+    def config(self) -> SlicedConfig:
+        return self.model.config
+
+    @torch.no_grad()
+    def logits(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> Iterator[torch.Tensor]:
+        """Logits (B, T, vocab) per batch of `windows` (n, T), float32 on the device."""
+        for ids in tqdm(windows.split(batch_size), desc="reference", unit="batch", disable=not progress):
+            yield self.model(ids.to(self.device)).logits.float()
+
+    def perplexity(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, label: str | None = None) -> float:
+        """exp(mean NLL) over positions 1..T-1 of every window (validation.perplexity)."""
+        return perplexity(lambda ids: self.model(ids.to(self.device)).logits, windows, batch_size=batch_size, progress=progress, label=label)
 
 
 class StreamedReference:
@@ -52,8 +92,8 @@ class StreamedReference:
         return self.model.layers[idx].to(self.device)
 
     @torch.no_grad()
-    def logits(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
-        """Logits (B, T, vocab) per batch of `windows` (n, T), float32 on the host."""
+    def logits(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> Iterator[torch.Tensor]:
+        """Logits (B, T, vocab) per batch of `windows` (n, T), float32 on the device, once every block has run on all windows."""
         model, dev = self.model, self.device
         xs: list[torch.Tensor] = []
         contexts: list[AttentionContext] = []
@@ -66,12 +106,11 @@ class StreamedReference:
             xs = [layer(x, ctx) for x, ctx in zip(xs, contexts)]  # (B, T, d_out)
             layer.to("meta")
             return_freed_memory()
-        return [model.head(x).float().cpu() for x in xs]
+        for x in xs:
+            yield model.head(x).float()  # (B, T, vocab)
 
-    def perplexity(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> float:
+    def perplexity(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, label: str | None = None) -> float:
         """exp(mean NLL) over positions 1..T-1 of every window, as validation.perplexity computes it."""
-        total, count = 0.0, 0
-        for ids, logits in zip(windows.split(batch_size), self.logits(windows, batch_size=batch_size, progress=progress)):
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            count += ids[:, 1:].numel()
-        return math.exp(total / count)
+        if progress and label:
+            logger.info("perplexity: %s (streamed)", label)
+        return perplexity_of(zip(windows.split(batch_size), self.logits(windows, batch_size=batch_size, progress=progress)))
