@@ -48,15 +48,9 @@ def slice_on_cuda(model: str | None, data: Path, out: Path) -> dict[str, Any]:
 
 
 def reference_perplexity(checkpoint: Path, windows: torch.Tensor, *, stream: bool) -> float:
-    from slicegpt_export.checkpoint import load_sliced
-    from slicegpt_export.validation.perplexity import perplexity
-    from slicegpt_export.validation.runners import reference_logits_fn
-    from slicegpt_export.validation.streamed import StreamedReference
+    from slicegpt_export.validation.streamed import open_reference
 
-    dev = torch.device("cuda")
-    if stream:
-        return StreamedReference(checkpoint, device=dev).perplexity(windows, batch_size=8)
-    return perplexity(reference_logits_fn(load_sliced(checkpoint, device=dev), dev), windows, batch_size=8)
+    return open_reference(checkpoint, device=torch.device("cuda"), stream=stream).perplexity(windows, batch_size=8)
 
 
 def onnx_cuda(checkpoint: Path, windows: torch.Tensor, out: Path) -> dict[str, Any]:
