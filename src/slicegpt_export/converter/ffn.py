@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slicegpt_export.converter.pca import one_cpu_thread
 from slicegpt_export.modeling import MLP
 
 DAMPING = 0.01  # fraction of the mean diagonal of G added before solving
@@ -33,7 +34,8 @@ def compensated_down(gram: torch.Tensor, down: torch.Tensor, kept: torch.Tensor)
     g_ss = gram[kept][:, kept].clone()
     g_ss.diagonal().add_(DAMPING * g_ss.diagonal().mean())
     rhs = gram[kept] @ down.double().T  # (k, d_out) = G[S, :] W_down^T
-    return torch.linalg.solve(g_ss, rhs).T.to(down.dtype)
+    with one_cpu_thread(g_ss.device):  # LAPACK's threaded solve changes its last bits with the thread count
+        return torch.linalg.solve(g_ss, rhs).T.to(down.dtype)
 
 
 @torch.no_grad()

@@ -99,10 +99,10 @@ def principal_components(cov: torch.Tensor, damping: float = DAMPING) -> tuple[t
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the block with one torch thread when `device` is the CPU (the previous count restored after).
 
-    LAPACK's threaded eigensolver returns other bits with another thread count, and in a
-    near-degenerate eigenpair a last-bit change rotates the eigenvectors far (relative weight
-    changes of order 1): with one thread, Q_l is the same whatever threads or processes
-    (torchrun gives each one thread) computed it.  CUDA's solver does not depend on it.
+    LAPACK's threaded eigensolver (and solver, converter.ffn) returns other bits with another
+    thread count, and in a near-degenerate eigenpair a last-bit change rotates the eigenvectors
+    far (relative weight changes of order 1): with one thread, Q_l is the same whatever threads
+    or processes (torchrun gives each one thread) computed it.  CUDA's solvers do not depend on it.
     """
     if device.type != "cpu":
         yield
