@@ -12,6 +12,15 @@ from tqdm.auto import tqdm
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids -> (B, T, vocab) logits
 
 
+def reference_logits_fn(model: torch.nn.Module, device: torch.device) -> LogitsFn:
+    """The logits function of a sliced model or a transformers model (both return `.logits`) on `device`."""
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids.to(device)).logits
+
+    return logits
+
+
 @torch.no_grad()
 def perplexity(
     logits_fn: LogitsFn, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, label: str | None = None

@@ -19,7 +19,7 @@ from slicegpt_export.device import resolve_device
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.text import text_windows, window_bos
 from slicegpt_export.sources.tokenizer import load_tokenizer
-from slicegpt_export.validation.perplexity import LogitsFn, perplexity
+from slicegpt_export.validation.perplexity import LogitsFn, perplexity, reference_logits_fn
 from slicegpt_export.validation.runners import is_sliced_checkpoint
 from slicegpt_export.validation.streamed import open_reference
 
@@ -193,7 +193,7 @@ def validate_directory(
         from slicegpt_export.sources.models import dense_model, load_source
 
         model = dense_model(load_source(source)).to(dev)
-        results.insert(0, evaluate("dense source", Path(source), measured_by(lambda x: model(x.to(dev)).logits), None))
+        results.insert(0, evaluate("dense source", Path(source), measured_by(reference_logits_fn(model, dev)), None))
     return results
 
 

@@ -13,7 +13,7 @@ from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.sources.models import dense_model, load_source
 from slicegpt_export.sources.text import evaluation_windows, read_local_text, text_windows, window_bos
 from slicegpt_export.sources.tokenizer import load_tokenizer
-from slicegpt_export.validation.perplexity import perplexity
+from slicegpt_export.validation.perplexity import perplexity, reference_logits_fn
 from slicegpt_export.validation.streamed import open_reference
 
 
@@ -25,15 +25,6 @@ def is_sliced_checkpoint(path: Path) -> bool:
         return SECTION in json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def reference_logits_fn(model: torch.nn.Module, device: torch.device):
-    """The logits function of a sliced model or a transformers model (both return `.logits`)."""
-
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids.to(device)).logits
-
-    return logits
 
 
 @torch.no_grad()

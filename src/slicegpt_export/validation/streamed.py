@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from slicegpt_export.checkpoint import SlicedConfig, build_checked, lazy_tensors, load_sliced, read_config
 from slicegpt_export.modeling import AttentionContext, DecoderLayer, SlicedModel
 from slicegpt_export.tensorio import return_freed_memory
-from slicegpt_export.validation.perplexity import perplexity, perplexity_of
+from slicegpt_export.validation.perplexity import perplexity, perplexity_of, reference_logits_fn
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +54,13 @@ class ResidentReference:
     @torch.no_grad()
     def logits(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> Iterator[torch.Tensor]:
         """Logits (B, T, vocab) per batch of `windows` (n, T), float32 on the device."""
+        logits = reference_logits_fn(self.model, self.device)
         for ids in tqdm(windows.split(batch_size), desc="reference", unit="batch", disable=not progress):
-            yield self.model(ids.to(self.device)).logits.float()
+            yield logits(ids).float()
 
     def perplexity(self, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, label: str | None = None) -> float:
         """exp(mean NLL) over positions 1..T-1 of every window (validation.perplexity)."""
-        return perplexity(lambda ids: self.model(ids.to(self.device)).logits, windows, batch_size=batch_size, progress=progress, label=label)
+        return perplexity(reference_logits_fn(self.model, self.device), windows, batch_size=batch_size, progress=progress, label=label)
 
 
 class StreamedReference:
