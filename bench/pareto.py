@@ -8,7 +8,9 @@ row: stored parameters and weight multiply-accumulates per token against the den
 on the protocol (reference), and decode speed against the dense model exported the same way in the
 same run: ONNX Runtime fp32 at batch 1 and 8 (dense = our fused dense graph, `--no-rotate`) and
 llama.cpp q8_0 at batch 1 (dense = the embedded SmolLM2 requantized to q8_0 by llama.cpp itself,
-stock `llama` architecture), each beside its bound (the dense/sliced ratio of weight MACs per token).
+stock `llama` architecture; llama.cpp's own llama-bench, tg128, every file in one invocation, and the Python
+bindings' decode loop beside it, which adds a fixed cost per token, the same for every file), each beside its
+bound (the dense/sliced ratio of weight MACs per token).
 Also the llama.cpp perplexity of each default q8_0 file.  Perplexities are cached per row in
 bench/work (they do not depend on the machine's load); speeds are measured afresh in every run.
 Writes pareto.json, pareto.md and pareto.png into --out.
@@ -25,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import protocol_checkpoint, sliced_checkpoint, test_windows
-from gguf_in_llama_cpp import THREADS, decode_speed, stock_dense_q8_0
+from gguf_in_llama_cpp import NEW_TOKENS, THREADS, decode_speed, llama_bench, stock_dense_q8_0
 from onnx_speed import PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
 
 PAPER = [0.1, 0.2, 0.25, 0.3, 0.5]
@@ -107,8 +109,17 @@ def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
     return {
         "onnx_b1": decode_tokens_per_second(session, 1),
         "onnx_b8": decode_tokens_per_second(session, 8),
-        "llama_cpp_q8_0": decode_speed(gguf_file, prompt),
+        "llama_cpp_q8_0_bindings": decode_speed(gguf_file, prompt),
     }
+
+
+def add_llama_bench(dense: dict, rows: list[dict]) -> None:
+    """llama-bench tg128 of the dense stock file and every row's q8_0 file, in one invocation (the same run)."""
+    files = {"dense": stock_dense_q8_0(), **{r["row"]: exports(checkpoint_for(r["row"]))[1] for r in rows}}
+    measured = llama_bench(files)
+    dense["llama_cpp_q8_0"] = measured["dense"][f"tg{NEW_TOKENS}"]["tok_s"]
+    for r in rows:
+        r["speed"]["llama_cpp_q8_0"] = measured[r["row"]][f"tg{NEW_TOKENS}"]["tok_s"]
 
 
 def fmt_speed(row: dict, dense: dict, key: str) -> str:
@@ -121,12 +132,12 @@ def fmt_speed(row: dict, dense: dict, key: str) -> str:
 def markdown(rows: list[dict], dense: dict | None) -> str:
     lines = [
         "| slicing | widths min/mean/max (head) | stored params | vs dense | MACs/token vs dense = bound | perplexity "
-        "| llama.cpp q8_0 ppl | ONNX fp32 b1 | ONNX fp32 b8 | llama.cpp q8_0 b1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| llama.cpp q8_0 ppl | ONNX fp32 b1 | ONNX fp32 b8 | llama.cpp q8_0 b1 (llama-bench) | llama.cpp q8_0 b1 (bindings) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r["widths"]
-        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0")]
+        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0", "llama_cpp_q8_0_bindings")]
         lines.append(
             f"| {r['row']} | {w['min']}/{w['mean']:.0f}/{w['max']} ({w['head_in']}) | {r['parameters'] / 1e6:.1f}M "
             f"| {r['parameter_fraction']:.3f} | {r['mac_fraction']:.3f} = {r['bound']:.2f}x | {r['perplexity']:.2f} "
@@ -140,7 +151,8 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
     ]
     if dense:
         notes.append(f"Dense decode in this run: ONNX fp32 b1 {dense['onnx_b1']:.1f} tok/s, b8 {dense['onnx_b8']:.1f} tok/s; "
-                     f"llama.cpp q8_0 (stock llama) {dense['llama_cpp_q8_0']:.1f} tok/s.")  # fmt: skip
+                     f"llama.cpp q8_0 (stock llama) {dense['llama_cpp_q8_0']:.1f} tok/s (llama-bench tg128), "
+                     f"{dense['llama_cpp_q8_0_bindings']:.1f} tok/s (bindings).")  # fmt: skip
     return "\n".join(lines + notes) + "\n"
 
 
@@ -190,7 +202,7 @@ def main() -> None:
         onnx_dir, _ = exports(dense_checkpoint)
         session = Session(onnx_dir)
         dense = {"onnx_b1": decode_tokens_per_second(session, 1), "onnx_b8": decode_tokens_per_second(session, 8),
-                 "llama_cpp_q8_0": decode_speed(stock_dense_q8_0(), prompt)}  # fmt: skip
+                 "llama_cpp_q8_0_bindings": decode_speed(stock_dense_q8_0(), prompt)}  # fmt: skip
         print(json.dumps({"dense": dense}), file=sys.stderr)
     rows = []
     for row in args.rows.split(","):
@@ -203,6 +215,8 @@ def main() -> None:
             result["speed"] = speeds(onnx_dir, gguf_file, prompt)
         rows.append(result)
         print(json.dumps(result), file=sys.stderr)
+    if dense is not None:
+        add_llama_bench(dense, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pareto.json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
     (args.out / "pareto.md").write_text(markdown(rows, dense))

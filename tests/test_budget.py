@@ -127,15 +127,29 @@ def test_spectrum_allocation_cuts_the_signal_that_loses_least():
     assert plan_cost(cfg, widths, "block").parameters <= budget
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-tied", "opt", "phi"])
-def test_zero_padding_is_exact(family):
+@pytest.mark.parametrize("incoherent", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_padding_and_the_incoherent_basis_are_exact(family, incoherent):
     hf = tiny_hf_model(family)
     model, cfg = slice_source(source_of(hf), calibration(), sparsity=0.25, rotation="block")  # width 48
-    padded_cfg, padded = pad_residual_widths(cfg, model.named_weights(), 32)
+    padded_cfg, padded = pad_residual_widths(cfg, model.named_weights(), 32, incoherent=incoherent)
     assert padded_cfg.embedding_width == 64 and {w.attn_in for w in padded_cfg.layers} == {64}
     ids = prompt()
     got = build_checked(padded_cfg, padded)(ids).logits
-    assert (got - model(ids).logits).abs().max().item() <= 1e-5
+    # padding adds exact zeros; the rotation rounds every rotated weight to float32 once more
+    assert (got - model(ids).logits).abs().max().item() <= (5e-5 if incoherent else 1e-5)
+
+
+def test_the_incoherent_basis_spreads_an_outlier_coordinate_over_every_block():
+    from slicegpt_export.exporters.padding import incoherent_rotation
+
+    R = incoherent_rotation(512)  # (512, 512)
+    assert torch.allclose(R @ R.T, torch.eye(512, dtype=torch.float64), atol=1e-12)
+    x = torch.zeros(512, dtype=torch.float64)
+    x[0], x[1:] = 100.0, 0.1  # a PCA basis: the outlier feature in coordinate 0
+    blocks = (R @ x).view(16, 32)  # q8_0 blocks of the rotated activation
+    # each block's largest entry is a small multiple of the block's rms: no block is one feature and 31 zeros
+    assert (blocks.abs().amax(1) / blocks.pow(2).mean(1).sqrt()).max().item() < 3.0
 
 
 @pytest.mark.parametrize("family", ["llama-tied", "phi"])

@@ -43,10 +43,11 @@ def test_runner_logits_match_the_reference(checkpoint, tmp_path, gguf_type):
     assert diff <= (GEMMA_F16_BOUND if gemma and gguf_type == "f16" else BOUNDS[gguf_type]), diff
 
 
-@pytest.mark.parametrize("family", list(TINY_CONFIGS))
-def test_q8_0_top1_agreement(family, tmp_path, wikitext):
-    # trained, so that top-1 is a real choice: a random model's top two logits are near-ties
-    checkpoint = write_sliced_checkpoint(family, 0.25, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
+@pytest.mark.parametrize(("family", "slicing"), [(family, 0.25) for family in TINY_CONFIGS] + BUDGET_CASES)
+def test_q8_0_top1_agreement(family, slicing, tmp_path, wikitext):
+    # trained, so that top-1 is a real choice: a random model's top two logits are near-ties; the budget slicings
+    # (one shortcut per block) are quantized whole, in the incoherent basis
+    checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
     model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0"))
     ids = random_prompts()
     agree = (model.logits(ids).argmax(-1) == load_sliced(checkpoint)(ids).logits.argmax(-1)).float().mean().item()
@@ -96,6 +97,15 @@ def test_block_quantized_files_pad_widths_and_quantize_every_matrix(tmp_path):
     assert types["blk.0.ffn_shortcut.weight"] == gguf.GGMLQuantizationType.F16  # protected: the residual path
     assert types["output.weight"] == gguf.GGMLQuantizationType.Q8_0  # protected: the head of a 4-bit file
     validate_gguf(path, checkpoint)  # q4_0 is reported, not bounded; the padding itself is exact (test_budget.py)
+
+
+@pytest.mark.parametrize(("family", "slicing"), BUDGET_CASES)
+def test_one_shortcut_per_block_q8_0_files_hold_no_16_bit_matrix(family, slicing, tmp_path):
+    checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint")
+    reader = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0")).reader
+    matrices = {t.name: t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+    assert any("shortcut" in name or "proj" in name for name in matrices) or slicing == "budget-global"
+    assert set(matrices.values()) == {gguf.GGMLQuantizationType.Q8_0}, matrices
 
 
 def test_shortcut_type_overrides_the_protection_rule(tmp_path):

@@ -57,11 +57,12 @@ def test_llama_cpp_greedy_continuation_is_the_references(exported):
     assert LlamaCppModel(path, n_ctx=64).greedy(ids, 16) == want
 
 
-@pytest.mark.parametrize("family", ["llama", "phi"])
-def test_q8_0_file_picks_the_references_tokens(family, tmp_path, wikitext):
+@pytest.mark.parametrize(("family", "slicing"), [("llama", 0.25), ("phi", 0.25), ("llama-tied", "budget-tied"), ("qwen2", "budget")])
+def test_q8_0_file_picks_the_references_tokens(family, slicing, tmp_path, wikitext):
     # trained, so that top-1 is a real choice: a random model's top two logits are near-ties.  Measured 98.0-99.6%:
     # besides the 8-bit weights, llama.cpp rounds activations to 8 bits in q8_0 products (our runner: 98.8-100%)
-    checkpoint = write_sliced_checkpoint(family, 0.25, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
+    # the budget slicings (one shortcut per block) are quantized whole, shortcuts included, in the incoherent basis
+    checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
     path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0")
     ids = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(3))
     got = LlamaCppModel(path, n_ctx=64).logits(ids)

@@ -216,28 +216,44 @@ def add_general(w: gguf.GGUFWriter, checkpoint: Path, cfg: SlicedConfig, file_ty
 
 #: block-quantized types: residual widths are zero-padded to their block (exporters/padding.py), exactly
 BLOCK_TYPES = (Q.Q8_0, Q.Q4_0)
-#: block-quantized file types keep these tensors at a higher precision (see the spec): the shortcuts add their
-#: rounding error to the whole residual stream at every block (SmolLM2 at 0.25, --round-to 32: q4_0 shortcuts take
-#: perplexity from 50.8 to 1698, q8_0 shortcuts to 53.0), and a 4-bit head is the usual weak spot of q4 files.
-#: residual-path matrices (shortcuts, and a tied model's embedding and head projections) act on the whole
-#: residual with its outlier coordinates, so their rounding error costs more than a block weight's
-RESIDUAL_PATH = {"shortcut": Q.F16, "token_embd_proj": Q.F16, "output_proj": Q.F16}
-PROTECTED = {Q.Q8_0: RESIDUAL_PATH, Q.Q4_0: {**RESIDUAL_PATH, "output.weight": Q.Q8_0}}
+#: residual-path matrices: the shortcuts, and a tied model's embedding and head projections.  They act on the raw
+#: residual and add their rounding error to it, once per matrix and for good, where a block's weights act on a
+#: normed signal and only add a branch; llama.cpp rounds the activations of q8_0 products to 8 bits as well
+RESIDUAL_PATH = ("shortcut", "token_embd_proj", "output_proj")
+#: block-quantized file types keep these tensors at a higher precision when the residual path is not quantized
+#: (see the spec and residual_path_type): in the PCA basis the residual's outlier features fill the first 32-wide
+#: blocks (SmolLM2 at 0.25, --round-to 32: q4_0 shortcuts take perplexity from 50.8 to 1698, q8_0 shortcuts to 53.0),
+#: and a 4-bit head is the usual weak spot of q4 files.
+PROTECTED = {Q.Q8_0: dict.fromkeys(RESIDUAL_PATH, Q.F16), Q.Q4_0: {**dict.fromkeys(RESIDUAL_PATH, Q.F16), "output.weight": Q.Q8_0}}
 
 
-def stored_type(name: str, qtype: Q, shortcut_qtype: Q | None = None) -> Q:
-    """The type a tensor is stored in: the file's, the spec's protected type, or an explicit shortcut type."""
-    if shortcut_qtype is not None and "shortcut" in name:
-        return shortcut_qtype
+def stored_type(name: str, qtype: Q, residual_qtype: Q | None = None) -> Q:
+    """The type a tensor is stored in: the file's, the spec's protected type, or the residual path's explicit type."""
+    if residual_qtype is not None and any(fragment in name for fragment in RESIDUAL_PATH):
+        return residual_qtype
     for fragment, protected in PROTECTED.get(qtype, {}).items():
         if fragment in name:
             return protected
     return qtype
 
 
-def planned_type(name: str, shape: tuple[int, ...], qtype: Q, shortcut_qtype: Q | None = None) -> Q:
+def residual_path_type(qtype: Q, shortcut_type: str, shortcuts: int, blocks: int) -> Q | None:
+    """The residual path's type: `shortcut_type` when named; for "auto", q8_0 in a q8_0 file whose blocks carry at
+    most one shortcut each (block or global rotation), else None (the PROTECTED rule).
+
+    Quantized in the incoherent basis (padding.py), a shortcut still rounds the residual it carries to 8 bits, and
+    that error adds up over the shortcuts: SmolLM2 with one per block (--target-params 0.75) keeps llama.cpp's
+    perplexity within 0.3% of the reference, with two per block (the paper's --sparsity 0.25) it loses 1.0%, against
+    0.3% with f16 shortcuts in the PCA basis (bench/results/residual-path.md).
+    """
+    if shortcut_type != "auto":
+        return GGUF_TYPES[shortcut_type][0]
+    return Q.Q8_0 if qtype == Q.Q8_0 and shortcuts <= blocks else None
+
+
+def planned_type(name: str, shape: tuple[int, ...], qtype: Q, residual_qtype: Q | None = None) -> Q:
     """The type a tensor of `shape` is stored in: 1-D tensors stay f32; rows not a multiple of the block fall back to f16."""
-    qtype = stored_type(name, qtype, shortcut_qtype)
+    qtype = stored_type(name, qtype, residual_qtype)
     if len(shape) == 1 or qtype == Q.F32:
         return Q.F32
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
@@ -247,10 +263,10 @@ def planned_type(name: str, shape: tuple[int, ...], qtype: Q, shortcut_qtype: Q 
     return qtype
 
 
-def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, shortcut_qtype: Q | None = None) -> tuple[np.ndarray, Q]:
+def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, residual_qtype: Q | None = None) -> tuple[np.ndarray, Q]:
     """The array to store and its type (planned_type)."""
     array = tensor.detach().float().cpu().numpy()
-    stored = planned_type(name, array.shape, qtype, shortcut_qtype)
+    stored = planned_type(name, array.shape, qtype, residual_qtype)
     if stored == Q.F32:
         return array.astype(np.float32), Q.F32
     if stored == Q.F16:
@@ -277,7 +293,7 @@ class PlannedTensor:
 
 
 def plan_tensors(tensors: Mapping[str, torch.Tensor], shape_of: Callable[[str], tuple[int, ...]], extra: dict[str, torch.Tensor],
-                 qtype: Q, shortcut_qtype: Q | None) -> list[PlannedTensor]:  # fmt: skip
+                 qtype: Q, residual_qtype: Q | None) -> list[PlannedTensor]:  # fmt: skip
     """Every tensor of the file, from shapes alone: right-multiplied matrices transposed to the linear layout."""
     planned = []
     for name in tensors:
@@ -285,10 +301,10 @@ def plan_tensors(tensors: Mapping[str, torch.Tensor], shape_of: Callable[[str], 
         if spec.is_right_multiplied(name):
             shape = shape[::-1]
         gguf_name = spec.gguf_name(name)
-        planned.append(PlannedTensor(gguf_name, name, shape, planned_type(gguf_name, shape, qtype, shortcut_qtype)))
+        planned.append(PlannedTensor(gguf_name, name, shape, planned_type(gguf_name, shape, qtype, residual_qtype)))
     for name, t in extra.items():
         shape = tuple(t.shape)
-        planned.append(PlannedTensor(name, None, shape, planned_type(name, shape, qtype, shortcut_qtype)))
+        planned.append(PlannedTensor(name, None, shape, planned_type(name, shape, qtype, residual_qtype)))
     return planned
 
 
@@ -310,25 +326,27 @@ def export_gguf(
 ) -> Path:
     """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path.
 
-    `shortcut_type` "auto" stores the shortcut matrices as the spec's rule says (f16 in q8_0/q4_0 files); a GGUF
-    type name stores them in that type instead (q8_0 shortcuts trade perplexity for llama.cpp decode speed).
+    `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" as
+    residual_path_type says, or a GGUF type name.  A q8_0 file whose residual path is block-quantized is written in
+    the incoherent basis (exporters/padding.py), which its rounding needs; other files in the PCA basis.
     """
     for kind in (gguf_type, *(() if shortcut_type == "auto" else (shortcut_type,))):
         if kind not in GGUF_TYPES:
             raise SliceGPTError(f"unknown GGUF type {kind!r} (choose from {', '.join(GGUF_TYPES)})")
     qtype, file_type = GGUF_TYPES[gguf_type]
-    shortcut_qtype = None if shortcut_type == "auto" else GGUF_TYPES[shortcut_type][0]
     checkpoint = Path(checkpoint)
     cfg, _ = read_config(checkpoint)
     tensors = lazy_tensors(checkpoint)  # read one at a time below
     n_params = parameter_count(tensors.meta())
+    residual_qtype = residual_path_type(qtype, shortcut_type, sum("shortcut" in name for name in tensors), cfg.num_layers)
     padded: Mapping[str, torch.Tensor] = tensors
     shape_of = tensors.shape
     if qtype in BLOCK_TYPES:
-        cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0])
+        incoherent = qtype == Q.Q8_0 and residual_qtype in BLOCK_TYPES
+        cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0], incoherent=incoherent)
         shape_of = padded.shape
     extra = rope_tensors(cfg)
-    planned = plan_tensors(padded, shape_of, extra, qtype, shortcut_qtype)
+    planned = plan_tensors(padded, shape_of, extra, qtype, residual_qtype)
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         path = tmp / gguf_file_name(gguf_type)
         w = SliceGPTWriter(str(path), spec.ARCH)
@@ -343,7 +361,7 @@ def export_gguf(
         w.write_ti_data_to_file()
         for p in tqdm(planned, desc="writing tensors", unit="tensor", leave=False):
             t = extra[p.name] if p.source is None else padded[p.source]
-            data, stored = tensor_data(p.name, t.T if p.source is not None and spec.is_right_multiplied(p.source) else t, qtype, shortcut_qtype)
+            data, stored = tensor_data(p.name, t.T if p.source is not None and spec.is_right_multiplied(p.source) else t, qtype, residual_qtype)
             if stored != p.qtype or data.nbytes != p.info()[2]:
                 raise SliceGPTError(f"{p.name}: planned as {p.qtype.name}, made as {stored.name} ({data.nbytes} bytes)")
             w.write_tensor_data(data)

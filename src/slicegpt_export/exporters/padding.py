@@ -1,4 +1,5 @@
-"""Zero-padding of residual widths, so that block-quantized exports quantize every matrix.
+"""Zero-padding of residual widths, so that block-quantized exports quantize every matrix, and the
+incoherence rotation that lets them quantize the residual path too.
 
 Block quantizers (GGUF q8_0/q4_0, ONNX MatMulNBits) work on rows whose length is a multiple of
 their block (32).  A sliced width such as 432 is not, and a matrix reading a 432-wide signal
@@ -10,13 +11,27 @@ coordinates is exact:
 * readers (q/k/v, gate/up, shortcuts, the head) get zero columns there, so they read nothing;
 * SliceGPT's norm divides by the original width D, not by d', so zeros change no norm.
 
-The padded checkpoint is an ordinary sliced checkpoint whose widths are the padded ones.
+Both are one map per residual signal: every tensor dimension that indexes a residual signal of
+width d is multiplied by U (d' x d, orthonormal columns), writers as U W and readers as W U^T, so
+W U^T U W' = W W' and the network is unchanged.  Padding is U = [I; 0].  The incoherent basis
+U = R [I; 0], R = C diag(s) (the orthonormal DCT-II of size d' with random signs s, the same for
+every signal of width d'), is as exact in real arithmetic, and it matters after PCA: Q_l puts the
+residual's largest-variance directions (its outlier features) in the first coordinates, so a
+32-wide block of a quantized activation or weight that holds one of them rounds its other 31
+entries to almost nothing.  llama.cpp quantizes the activations of its q8_0 matmuls too, and the
+shortcuts read the raw residual, outliers and all: in the PCA basis their q8_0 rounding costs
+SmolLM2 several percent of perplexity.  R spreads every coordinate over all d' (each |R_ij| <=
+sqrt(2/d')), as QuaRot's Hadamard rotations do, so that no block is dominated by one feature.
+
+The transformed checkpoint is an ordinary sliced checkpoint whose widths are the padded ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -25,6 +40,12 @@ import torch.nn.functional as F
 from slicegpt_export.checkpoint import LayerWidths, SlicedConfig
 
 logger = logging.getLogger(__name__)
+
+#: the random signs of the incoherent basis (fixed: a file's bits do not depend on the run)
+INCOHERENCE_SEED = 0
+
+#: name -> {tensor dim (0 or -1): width d of the residual signal it indexes}
+Plan = dict[str, dict[int, int]]
 
 
 def padded(width: int, multiple: int) -> int:
@@ -38,34 +59,47 @@ def pad_dims(t: torch.Tensor, rows: int | None = None, cols: int | None = None) 
     return F.pad(t, (0, (cols or t.shape[1]) - t.shape[1], 0, (rows or t.shape[0]) - t.shape[0]))
 
 
-def pad_stage_output(pad: Callable[..., None], i: int, linear: str, post_proj: str, width: int, *, post_norms: bool) -> None:
-    """The matrix that writes a stage's output: the output linear's rows, or (post-norms) the post_proj's columns."""
-    if post_norms:  # the linear keeps its D rows (see modeling.ResidualStage)
-        pad(f"layers.{i}.{post_proj}", cols=width)
-    else:
-        pad(f"layers.{i}.{linear}.weight", rows=width)
-        pad(f"layers.{i}.{linear}.bias", rows=width)
+@functools.lru_cache(maxsize=8)
+def incoherent_rotation(n: int) -> torch.Tensor:
+    """R = C diag(s) (n, n) float64: C the orthonormal DCT-II, C_kj = sqrt(2/n) cos(pi (j + 1/2) k / n) (row 0:
+    sqrt(1/n)), s random signs from INCOHERENCE_SEED.  Closed form: the same bits on any machine and thread count."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(n, dtype=torch.float64)[None, :]
+    C = torch.cos(math.pi * (j + 0.5) * k / n) * math.sqrt(2.0 / n)  # (n, n)
+    C[0] = math.sqrt(1.0 / n)
+    g = torch.Generator().manual_seed(INCOHERENCE_SEED)
+    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1  # (n,)
+    return C * signs[None, :]
 
 
-class PaddedTensors(Mapping[str, torch.Tensor]):
-    """`tensors` seen through a plan of zero-padding (name -> (rows, cols)); each tensor is padded when read,
-    so a lazily read checkpoint stays lazy."""
+def apply_basis(t: torch.Tensor, dims: dict[int, int], multiple: int, incoherent: bool) -> torch.Tensor:
+    """`t` with each residual dim (dim -> its width d) multiplied by U (d' x d): dim 0 as U t, dim -1 as t U^T."""
+    if not incoherent:
+        return pad_dims(t, rows=padded(dims[0], multiple) if 0 in dims else None,
+                        cols=padded(dims[-1], multiple) if -1 in dims else None)  # fmt: skip
+    out = t.double()
+    for dim, d in dims.items():
+        U = incoherent_rotation(padded(d, multiple))[:, :d]  # (d', d)
+        out = U @ out if dim == 0 or out.dim() == 1 else out @ U.T
+    return out.float()
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], plan: dict[str, tuple[int | None, int | None]]) -> None:
-        self.tensors, self.plan = tensors, plan
+
+class ResidualTensors(Mapping[str, torch.Tensor]):
+    """`tensors` seen through the residual maps of `plan` (padding, optionally incoherent); each tensor is
+    transformed when read, so a lazily read checkpoint stays lazy."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], plan: Plan, multiple: int, *, incoherent: bool) -> None:
+        self.tensors, self.plan, self.multiple, self.incoherent = tensors, plan, multiple, incoherent
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
-        return pad_dims(t, *self.plan[name]) if name in self.plan else t
+        return apply_basis(t, self.plan[name], self.multiple, self.incoherent) if name in self.plan else t
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The padded shape, from the underlying mapping's `shape` (a lazy checkpoint's headers) without reading."""
+        """The transformed shape, from the underlying mapping's `shape` (a lazy checkpoint's headers) without reading."""
         shape = list(self.tensors.shape(name))  # type: ignore[attr-defined]
-        rows, cols = self.plan.get(name, (None, None))
-        if rows is not None:
-            shape[0] = rows
-        if cols is not None and len(shape) > 1:
-            shape[-1] = cols
+        for dim, d in self.plan.get(name, {}).items():
+            shape[dim if len(shape) > 1 else 0] = padded(d, self.multiple)
         return tuple(shape)
 
     def __contains__(self, name: object) -> bool:
@@ -78,43 +112,59 @@ class PaddedTensors(Mapping[str, torch.Tensor]):
         return len(self.tensors)
 
 
+def residual_plan(cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor]) -> Plan:
+    """Every tensor dimension that indexes a residual signal (or the tied matrix's columns), with that signal's width."""
+    plan: Plan = {}
+
+    def mark(name: str, rows: int | None = None, cols: int | None = None) -> None:
+        if name in tensors:
+            dims = plan.setdefault(name, {})
+            dims.update({dim: d for dim, d in ((0, rows), (-1, cols)) if d is not None})
+
+    tied_width = cfg.tied_width or cfg.hidden_size  # the tied matrix E (vocab, e): its own e-wide space
+    if cfg.tied_embeddings:
+        mark("embed_tokens.weight", cols=tied_width)
+        mark("embed_proj", rows=tied_width, cols=cfg.embedding_width)
+        mark("lm_head.proj", rows=cfg.head_in, cols=tied_width)
+    else:
+        mark("embed_tokens.weight", cols=cfg.embedding_width)
+        mark("lm_head.weight", cols=cfg.head_in)
+    mark("embed_positions.weight", cols=cfg.embedding_width)
+    for i, w in enumerate(cfg.layers):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            mark(f"layers.{i}.{proj}.weight", cols=w.attn_in)
+        mark_stage_output(mark, i, "o_proj", "attn_post_proj", w.attn_out, post_norms=cfg.post_norms)
+        mark(f"layers.{i}.attn_shortcut", rows=w.attn_in, cols=w.attn_out)
+        for proj in ("gate_proj", "up_proj"):
+            mark(f"layers.{i}.{proj}.weight", cols=w.mlp_in)
+        mark_stage_output(mark, i, "down_proj", "mlp_post_proj", w.mlp_out, post_norms=cfg.post_norms)
+        mark(f"layers.{i}.mlp_shortcut", rows=w.mlp_in, cols=w.mlp_out)
+    return plan
+
+
+def mark_stage_output(mark: Callable[..., None], i: int, linear: str, post_proj: str, width: int, *, post_norms: bool) -> None:
+    """The matrix that writes a stage's output: the output linear's rows, or (post-norms) the post_proj's columns."""
+    if post_norms:  # the linear keeps its D rows (see modeling.ResidualStage)
+        mark(f"layers.{i}.{post_proj}", cols=width)
+    else:
+        mark(f"layers.{i}.{linear}.weight", rows=width)
+        mark(f"layers.{i}.{linear}.bias", rows=width)
+
+
 def pad_residual_widths(
-    cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], multiple: int
+    cfg: SlicedConfig, tensors: Mapping[str, torch.Tensor], multiple: int, *, incoherent: bool = False
 ) -> tuple[SlicedConfig, Mapping[str, torch.Tensor]]:
-    """The checkpoint with every residual width padded to a multiple of `multiple` (exact, see above); tensors are
-    padded as they are read."""
+    """The checkpoint with every residual width padded to a multiple of `multiple` (exact, see above), in the
+    incoherent basis when asked; tensors are transformed as they are read."""
     p = lambda w: padded(w, multiple)  # noqa: E731
     residual = ("attn_in", "attn_out", "mlp_in", "mlp_out")
     widths = [cfg.embedding_width, cfg.head_in, cfg.tied_width or 0] + [getattr(w, f) for w in cfg.layers for f in residual]
-    if all(w == p(w) for w in widths):
+    if not incoherent and all(w == p(w) for w in widths):
         return cfg, tensors
-    plan: dict[str, tuple[int | None, int | None]] = {}
-
-    def pad(name: str, rows: int | None = None, cols: int | None = None) -> None:
-        if name in tensors:
-            old_rows, old_cols = plan.get(name, (None, None))
-            plan[name] = (rows or old_rows, cols or old_cols)
-
-    d_emb, d_head = p(cfg.embedding_width), p(cfg.head_in)
-    tied_width = p(cfg.tied_width) if cfg.tied_width else None  # a sliced tied matrix E (vocab, e): zero columns
-    if tied_width:
-        pad("embed_tokens.weight", cols=tied_width)
-        pad("embed_proj", rows=tied_width)
-        pad("lm_head.proj", cols=tied_width)
-    pad("embed_proj" if cfg.tied_embeddings else "embed_tokens.weight", cols=d_emb)
-    pad("embed_positions.weight", cols=d_emb)
-    pad("lm_head.proj" if cfg.tied_embeddings else "lm_head.weight", **({"rows": d_head} if cfg.tied_embeddings else {"cols": d_head}))
-    layers = []
-    for i, w in enumerate(cfg.layers):
-        a_in, a_out, m_in, m_out = p(w.attn_in), p(w.attn_out), p(w.mlp_in), p(w.mlp_out)
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            pad(f"layers.{i}.{proj}.weight", cols=a_in)
-        pad_stage_output(pad, i, "o_proj", "attn_post_proj", a_out, post_norms=cfg.post_norms)
-        pad(f"layers.{i}.attn_shortcut", rows=a_in, cols=a_out)
-        for proj in ("gate_proj", "up_proj"):
-            pad(f"layers.{i}.{proj}.weight", cols=m_in)
-        pad_stage_output(pad, i, "down_proj", "mlp_post_proj", m_out, post_norms=cfg.post_norms)
-        pad(f"layers.{i}.mlp_shortcut", rows=m_in, cols=m_out)
-        layers.append(LayerWidths(a_in, a_out, m_in, m_out, w.intermediate))
-    logger.info("residual widths padded to multiples of %d (exact: zero coordinates)", multiple)
-    return dataclasses.replace(cfg, embedding_width=d_emb, layers=layers, head_in=d_head, tied_width=tied_width), PaddedTensors(tensors, plan)
+    plan = residual_plan(cfg, tensors)
+    layers = [LayerWidths(p(w.attn_in), p(w.attn_out), p(w.mlp_in), p(w.mlp_out), w.intermediate) for w in cfg.layers]
+    logger.info("residual widths padded to multiples of %d (exact: zero coordinates)%s", multiple,
+                ", in the incoherent basis" if incoherent else "")  # fmt: skip
+    cfg = dataclasses.replace(cfg, embedding_width=p(cfg.embedding_width), layers=layers, head_in=p(cfg.head_in),
+                              tied_width=p(cfg.tied_width) if cfg.tied_width else None)  # fmt: skip
+    return cfg, ResidualTensors(tensors, plan, multiple, incoherent=incoherent)
