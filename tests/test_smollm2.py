@@ -8,6 +8,7 @@ from __future__ import annotations
 from difflib import SequenceMatcher
 
 import pytest
+import torch
 
 from slicegpt_export.converter.convert import fused_model
 from slicegpt_export.exporters.gguf import export_gguf
@@ -81,3 +82,40 @@ def test_llama_cpp_perplexity_matches_the_reference(llama_cpp, quarter, test_win
     model = LlamaCppModel(export_gguf(checkpoint=checkpoint, out=tmp_path / gguf_type, gguf_type=gguf_type), n_ctx=512)
     ppl = perplexity(model.logits, test_windows, batch_size=1)
     assert abs(ppl / reference - 1) <= 0.005, (ppl, reference)
+
+
+BUDGET_75_PPL = 50.295  # --target-params 0.75 with its defaults (block rotation, ffn-keep 0.6), measured
+
+
+@pytest.fixture(scope="module")
+def budget(smollm2_path, wikitext, tmp_path_factory, test_windows):
+    """SmolLM2 sliced to at most 0.75 of its stored parameters on the protocol's calibration, and its perplexity."""
+    from slicegpt_export.checkpoint import load_sliced
+    from slicegpt_export.converter.convert import slice_checkpoint
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-budget-75"
+    slice_checkpoint(model=None, out=out, target_params=0.75, calib=str(wikitext / "valid.txt"), calib_samples=64, calib_seqlen=512,
+                     seed=42, device="cpu", progress=False)  # fmt: skip
+    model = load_sliced(out)
+    with torch.no_grad():
+        return out, perplexity(lambda ids: model(ids).logits, test_windows)
+
+
+def test_budget_meets_its_size_on_the_protocol(budget):
+    from slicegpt_export.checkpoint import read_config
+
+    checkpoint, ppl = budget
+    cfg, _ = read_config(checkpoint)
+    assert cfg.size["parameters"] <= 0.75 * cfg.size["dense_parameters"]
+    assert ppl == pytest.approx(BUDGET_75_PPL, abs=SLICED_TOLERANCE)
+
+
+def test_budget_q8_0_file_is_all_8_bit_and_llama_cpp_follows_the_reference(llama_cpp, budget, test_windows, tmp_path):
+    from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
+
+    checkpoint, reference = budget
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q8_0", gguf_type="q8_0")
+    matrices = {t.name: t.tensor_type.name for t in GGUFModel(path).reader.tensors if len(t.shape) == 2}
+    assert set(matrices.values()) == {"Q8_0"}, matrices  # shortcuts and tied projections included
+    ppl = perplexity(LlamaCppModel(path, n_ctx=512).logits, test_windows, batch_size=1)
+    assert abs(ppl / reference - 1) <= 0.005, (ppl, reference)  # measured +0.35% (bench/results/residual_path.md)

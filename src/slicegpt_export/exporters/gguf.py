@@ -237,14 +237,19 @@ def stored_type(name: str, qtype: Q, residual_qtype: Q | None = None) -> Q:
     return qtype
 
 
+#: the residual signals' basis in a block-quantized file (export_gguf)
+BASES = ("auto", "pca", "incoherent")
+
+
 def residual_path_type(qtype: Q, shortcut_type: str, shortcuts: int, blocks: int) -> Q | None:
     """The residual path's type: `shortcut_type` when named; for "auto", q8_0 in a q8_0 file whose blocks carry at
     most one shortcut each (block or global rotation), else None (the PROTECTED rule).
 
-    Quantized in the incoherent basis (padding.py), a shortcut still rounds the residual it carries to 8 bits, and
-    that error adds up over the shortcuts: SmolLM2 with one per block (--target-params 0.75) keeps llama.cpp's
-    perplexity within 0.3% of the reference, with two per block (the paper's --sparsity 0.25) it loses 1.0%, against
-    0.3% with f16 shortcuts in the PCA basis (bench/results/residual-path.md).
+    Quantized (in the incoherent basis, padding.py), a shortcut still rounds the residual it carries to 8 bits, and
+    that error adds up over the shortcuts.  llama.cpp's perplexity against the reference (python
+    bench/residual_path.py, bench/results/residual_path.md): SmolLM2 with one shortcut per block (--target-params
+    0.75) +0.35% with a q8_0 residual path, -0.06% with f16; with two per block (the paper's --sparsity 0.25) +1.08%
+    with q8_0, +0.26% with f16.
     """
     if shortcut_type != "auto":
         return GGUF_TYPES[shortcut_type][0]
@@ -322,14 +327,18 @@ def rope_tensors(cfg: SlicedConfig) -> dict[str, torch.Tensor]:
 
 
 def export_gguf(
-    *, checkpoint: Path, out: Path, gguf_type: str = "f16", shortcut_type: str = "auto", overwrite: bool = False
+    *, checkpoint: Path, out: Path, gguf_type: str = "f16", shortcut_type: str = "auto", basis: str = "auto", overwrite: bool = False
 ) -> Path:
     """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path.
 
     `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" as
-    residual_path_type says, or a GGUF type name.  A q8_0 file whose residual path is block-quantized is written in
-    the incoherent basis (exporters/padding.py), which its rounding needs; other files in the PCA basis.
+    residual_path_type says, or a GGUF type name.  `basis` of a block-quantized file's residual signals: "auto" is
+    "incoherent" (exporters/padding.py) for q8_0, which the 8-bit rounding of the activations needs, and "pca" (the
+    checkpoint's own) for q4_0, whose 4-bit weights lose more in the incoherent basis (SmolLM2 at 0.25: perplexity
+    87.2 against 76.8 on 16 test windows); bench/residual_path.py measures each combination in q8_0.
     """
+    if basis not in BASES:
+        raise SliceGPTError(f"unknown basis {basis!r} (choose from {', '.join(BASES)})")
     for kind in (gguf_type, *(() if shortcut_type == "auto" else (shortcut_type,))):
         if kind not in GGUF_TYPES:
             raise SliceGPTError(f"unknown GGUF type {kind!r} (choose from {', '.join(GGUF_TYPES)})")
@@ -342,7 +351,7 @@ def export_gguf(
     padded: Mapping[str, torch.Tensor] = tensors
     shape_of = tensors.shape
     if qtype in BLOCK_TYPES:
-        incoherent = qtype == Q.Q8_0 and residual_qtype in BLOCK_TYPES
+        incoherent = basis == "incoherent" or (basis == "auto" and qtype == Q.Q8_0)
         cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0], incoherent=incoherent)
         shape_of = padded.shape
     extra = rope_tensors(cfg)

@@ -1,0 +1,89 @@
+"""What the residual path's type and basis cost in llama.cpp q8_0 files (SmolLM2, the protocol).
+
+    scripts/build_llama_cpp.sh && python bench/residual_path.py [--rows paper:0.25,block-uniform-ffn60:0.75]
+
+The residual path is the shortcut matrices and a tied model's embedding and head projections (they act
+on the raw residual stream).  For each row (pareto.py's names) the q8_0 file is written four ways:
+residual path f16 or q8_0, residual signals in the PCA basis or the incoherent one (exporters/padding.py),
+and llama.cpp's perplexity on the protocol's 64 test windows is set against the reference's.  Also the
+file size.  Perplexities are cached beside each file in bench/work.  Writes residual_path.json and
+residual_path.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORK, test_windows
+from pareto import checkpoint_for, llama_cpp_perplexity, quality
+
+#: name -> (residual path type, basis)
+VARIANTS = {"f16, PCA": ("f16", "pca"), "f16, incoherent": ("f16", "incoherent"), "q8_0, PCA": ("q8_0", "pca"),
+            "q8_0, incoherent": ("q8_0", "incoherent")}  # fmt: skip
+
+
+def variant_file(checkpoint: Path, residual_type: str, basis: str) -> Path:
+    from slicegpt_export.exporters.gguf import export_gguf
+
+    out = WORK / f"{checkpoint.name}-q8_0-residual-{residual_type}-{basis}"
+    path = out / "model-q8_0.gguf"
+    if not path.is_file():
+        export_gguf(checkpoint=checkpoint, out=out, gguf_type="q8_0", shortcut_type=residual_type, basis=basis, overwrite=True)
+    return path
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| slicing | reference | " + " | ".join(VARIANTS) + " | default |", "|---" * (len(VARIANTS) + 3) + "|"]
+    for r in rows:
+        cells = [f"{v['perplexity']:.2f} ({v['perplexity'] / r['reference'] - 1:+.2%}), {v['mib']:.1f} MiB" for v in r["variants"].values()]
+        lines.append(f"| {r['row']} | {r['reference']:.2f} | {' | '.join(cells)} | {r['default']} |")
+    return "\n".join(lines + [
+        "",
+        "llama.cpp q8_0 perplexity on the protocol's 64 test windows (its change against the reference) and file size,",
+        "for each type and basis of the residual path (shortcuts, tied projections); every other matrix is q8_0.",
+    ]) + "\n"  # fmt: skip
+
+
+def default_variant(checkpoint: Path) -> str:
+    """The variant export_gguf's defaults write for this checkpoint."""
+    from slicegpt_export.checkpoint import lazy_tensors, read_config
+    from slicegpt_export.exporters.gguf import GGUF_TYPES, residual_path_type
+
+    cfg, _ = read_config(checkpoint)
+    q8 = GGUF_TYPES["q8_0"][0]
+    shortcuts = sum("shortcut" in name for name in lazy_tensors(checkpoint))
+    return "q8_0, incoherent" if residual_path_type(q8, "auto", shortcuts, cfg.num_layers) == q8 else "f16, incoherent"
+
+
+def main() -> None:
+    from slicegpt_export.sources.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="paper:0.25,block-uniform-ffn60:0.75")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    rows = []
+    for row in args.rows.split(","):
+        checkpoint = checkpoint_for(row)
+        windows = test_windows(load_tokenizer(checkpoint))
+        result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": default_variant(checkpoint), "variants": {}}
+        for name, (residual_type, basis) in VARIANTS.items():
+            path = variant_file(checkpoint, residual_type, basis)
+            result["variants"][name] = {"perplexity": llama_cpp_perplexity(path, windows), "mib": path.stat().st_size / 2**20}
+            print(json.dumps({row: {name: result["variants"][name]}}), file=sys.stderr)
+        rows.append(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "residual_path.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "residual_path.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
