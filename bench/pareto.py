@@ -104,6 +104,17 @@ def exports(checkpoint: Path) -> tuple[Path, Path]:
     return onnx_dir, gguf_file
 
 
+def variant_file(checkpoint: Path, residual_type: str, basis: str) -> Path:
+    """The q8_0 GGUF file with the residual path (shortcuts, tied projections) in `residual_type`, in `basis` (cached)."""
+    from slicegpt_export.exporters.gguf import export_gguf
+
+    out = WORK / f"{checkpoint.name}-q8_0-residual-{residual_type}-{basis}"
+    path = out / "model-q8_0.gguf"
+    if not path.is_file():
+        export_gguf(checkpoint=checkpoint, out=out, gguf_type="q8_0", shortcut_type=residual_type, basis=basis, overwrite=True)
+    return path
+
+
 def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
     session = Session(onnx_dir)
     return {
@@ -115,11 +126,13 @@ def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
 
 def add_llama_bench(dense: dict, rows: list[dict]) -> None:
     """llama-bench tg128 of the dense stock file and every row's q8_0 file, in one invocation (the same run)."""
-    files = {"dense": stock_dense_q8_0(), **{r["row"]: exports(checkpoint_for(r["row"]))[1] for r in rows}}
+    files = {"dense": stock_dense_q8_0(), **{r["row"]: exports(checkpoint_for(r["row"]))[1] for r in rows},
+             **{f"{r['row']} q8_0 residual": variant_file(checkpoint_for(r["row"]), "q8_0", "incoherent") for r in rows}}  # fmt: skip
     measured = llama_bench(files)
     dense["llama_cpp_q8_0"] = measured["dense"][f"tg{NEW_TOKENS}"]["tok_s"]
     for r in rows:
         r["speed"]["llama_cpp_q8_0"] = measured[r["row"]][f"tg{NEW_TOKENS}"]["tok_s"]
+        r["speed"]["llama_cpp_q8_0_all"] = measured[f"{r['row']} q8_0 residual"][f"tg{NEW_TOKENS}"]["tok_s"]
 
 
 def fmt_speed(row: dict, dense: dict, key: str) -> str:
@@ -132,12 +145,13 @@ def fmt_speed(row: dict, dense: dict, key: str) -> str:
 def markdown(rows: list[dict], dense: dict | None) -> str:
     lines = [
         "| slicing | widths min/mean/max (head) | stored params | vs dense | MACs/token vs dense = bound | perplexity "
-        "| llama.cpp q8_0 ppl | ONNX fp32 b1 | ONNX fp32 b8 | llama.cpp q8_0 b1 (llama-bench) | llama.cpp q8_0 b1 (bindings) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| llama.cpp q8_0 ppl | ONNX fp32 b1 | ONNX fp32 b8 | llama.cpp q8_0 b1 (llama-bench) | llama.cpp q8_0 b1 (bindings) "
+        "| llama.cpp all-q8_0 b1 (llama-bench) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r["widths"]
-        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0", "llama_cpp_q8_0_bindings")]
+        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0", "llama_cpp_q8_0_bindings", "llama_cpp_q8_0_all")]
         lines.append(
             f"| {r['row']} | {w['min']}/{w['mean']:.0f}/{w['max']} ({w['head_in']}) | {r['parameters'] / 1e6:.1f}M "
             f"| {r['parameter_fraction']:.3f} | {r['mac_fraction']:.3f} = {r['bound']:.2f}x | {r['perplexity']:.2f} "
@@ -147,7 +161,9 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
         "",
         "Stored parameters count every tensor (a tied matrix once, shortcuts and projections included) against the dense",
         "model's 134.5M; the bound is dense/sliced weight MACs per token; speed-ups are against the dense model exported",
-        "the same way and measured in the same run, with the fraction of the bound in brackets.",
+        "the same way and measured in the same run, with the fraction of the bound in brackets. llama.cpp files are the",
+        "default q8_0 export (f16 residual path, incoherent basis); all-q8_0 has the residual path in q8_0 too",
+        "(--gguf-shortcut-type q8_0; its perplexity: bench/residual_path.py).",
     ]
     if dense:
         notes.append(f"Dense decode in this run: ONNX fp32 b1 {dense['onnx_b1']:.1f} tok/s, b8 {dense['onnx_b8']:.1f} tok/s; "

@@ -20,22 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, test_windows
-from pareto import checkpoint_for, llama_cpp_perplexity, quality
+from common import test_windows
+from pareto import checkpoint_for, llama_cpp_perplexity, quality, variant_file
 
 #: name -> (residual path type, basis)
 VARIANTS = {"f16, PCA": ("f16", "pca"), "f16, incoherent": ("f16", "incoherent"), "q8_0, PCA": ("q8_0", "pca"),
             "q8_0, incoherent": ("q8_0", "incoherent")}  # fmt: skip
-
-
-def variant_file(checkpoint: Path, residual_type: str, basis: str) -> Path:
-    from slicegpt_export.exporters.gguf import export_gguf
-
-    out = WORK / f"{checkpoint.name}-q8_0-residual-{residual_type}-{basis}"
-    path = out / "model-q8_0.gguf"
-    if not path.is_file():
-        export_gguf(checkpoint=checkpoint, out=out, gguf_type="q8_0", shortcut_type=residual_type, basis=basis, overwrite=True)
-    return path
 
 
 def markdown(rows: list[dict]) -> str:
@@ -50,15 +40,11 @@ def markdown(rows: list[dict]) -> str:
     ]) + "\n"  # fmt: skip
 
 
-def default_variant(checkpoint: Path) -> str:
-    """The variant export_gguf's defaults write for this checkpoint."""
-    from slicegpt_export.checkpoint import lazy_tensors, read_config
-    from slicegpt_export.exporters.gguf import GGUF_TYPES, residual_path_type
+def default_variant() -> str:
+    """The variant export_gguf's defaults write in q8_0."""
+    from slicegpt_export.exporters.gguf import residual_path_type
 
-    cfg, _ = read_config(checkpoint)
-    q8 = GGUF_TYPES["q8_0"][0]
-    shortcuts = sum("shortcut" in name for name in lazy_tensors(checkpoint))
-    return "q8_0, incoherent" if residual_path_type(q8, "auto", shortcuts, cfg.num_layers) == q8 else "f16, incoherent"
+    return "f16, incoherent" if residual_path_type("auto") is None else "q8_0, incoherent"
 
 
 def main() -> None:
@@ -73,7 +59,7 @@ def main() -> None:
     for row in args.rows.split(","):
         checkpoint = checkpoint_for(row)
         windows = test_windows(load_tokenizer(checkpoint))
-        result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": default_variant(checkpoint), "variants": {}}
+        result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": default_variant(), "variants": {}}
         for name, (residual_type, basis) in VARIANTS.items():
             path = variant_file(checkpoint, residual_type, basis)
             result["variants"][name] = {"perplexity": llama_cpp_perplexity(path, windows), "mib": path.stat().st_size / 2**20}

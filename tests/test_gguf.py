@@ -45,8 +45,7 @@ def test_runner_logits_match_the_reference(checkpoint, tmp_path, gguf_type):
 
 @pytest.mark.parametrize(("family", "slicing"), [(family, 0.25) for family in TINY_CONFIGS] + BUDGET_CASES)
 def test_q8_0_top1_agreement(family, slicing, tmp_path, wikitext):
-    # trained, so that top-1 is a real choice: a random model's top two logits are near-ties; the budget slicings
-    # (one shortcut per block) are quantized whole, in the incoherent basis
+    # trained, so that top-1 is a real choice: a random model's top two logits are near-ties
     checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
     model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0"))
     ids = random_prompts()
@@ -100,12 +99,15 @@ def test_block_quantized_files_pad_widths_and_quantize_every_matrix(tmp_path):
 
 
 @pytest.mark.parametrize(("family", "slicing"), BUDGET_CASES)
-def test_one_shortcut_per_block_q8_0_files_hold_no_16_bit_matrix(family, slicing, tmp_path):
-    checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint")
-    reader = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0")).reader
-    matrices = {t.name: t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+def test_a_q8_0_residual_path_leaves_no_16_bit_matrix_and_follows_the_reference(family, slicing, tmp_path, wikitext):
+    checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
+    model = GGUFModel(export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0", shortcut_type="q8_0"))
+    matrices = {t.name: t.tensor_type for t in model.reader.tensors if len(t.shape) == 2}
     assert any("shortcut" in name or "proj" in name for name in matrices) or slicing == "budget-global"
     assert set(matrices.values()) == {gguf.GGMLQuantizationType.Q8_0}, matrices
+    ids = random_prompts()
+    agree = (model.logits(ids).argmax(-1) == load_sliced(checkpoint)(ids).logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.975, agree  # in the incoherent basis; as test_q8_0_top1_agreement's tied bound
 
 
 def test_shortcut_type_overrides_the_protection_rule(tmp_path):
@@ -121,6 +123,8 @@ def test_shortcut_type_overrides_the_protection_rule(tmp_path):
     assert auto["blk.1.attn_q.weight"] == fast["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     with pytest.raises(SliceGPTError, match="unknown GGUF type 'q3'"):
         export_gguf(checkpoint=checkpoint, out=tmp_path / "bad", gguf_type="q8_0", shortcut_type="q3")
+    with pytest.raises(SliceGPTError, match="unknown basis 'qr'"):
+        export_gguf(checkpoint=checkpoint, out=tmp_path / "bad", gguf_type="q8_0", basis="qr")
 
 
 def test_file_vocabulary_tokenizes_like_the_source_tokenizer(checkpoint, tmp_path):

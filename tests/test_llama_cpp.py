@@ -61,9 +61,10 @@ def test_llama_cpp_greedy_continuation_is_the_references(exported):
 def test_q8_0_file_picks_the_references_tokens(family, slicing, tmp_path, wikitext):
     # trained, so that top-1 is a real choice: a random model's top two logits are near-ties.  Measured 98.0-99.6%:
     # besides the 8-bit weights, llama.cpp rounds activations to 8 bits in q8_0 products (our runner: 98.8-100%)
-    # the budget slicings (one shortcut per block) are quantized whole, shortcuts included, in the incoherent basis
+    # the budget slicings with their residual path in q8_0 too (--gguf-shortcut-type q8_0, the incoherent basis)
     checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
-    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0")
+    residual = {} if isinstance(slicing, float) else {"shortcut_type": "q8_0"}
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0", **residual)
     ids = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(3))
     got = LlamaCppModel(path, n_ctx=64).logits(ids)
     agree = (got.argmax(-1) == load_sliced(checkpoint)(ids).logits.argmax(-1)).float().mean().item()

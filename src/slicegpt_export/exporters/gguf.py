@@ -220,10 +220,9 @@ BLOCK_TYPES = (Q.Q8_0, Q.Q4_0)
 #: residual and add their rounding error to it, once per matrix and for good, where a block's weights act on a
 #: normed signal and only add a branch; llama.cpp rounds the activations of q8_0 products to 8 bits as well
 RESIDUAL_PATH = ("shortcut", "token_embd_proj", "output_proj")
-#: block-quantized file types keep these tensors at a higher precision when the residual path is not quantized
-#: (see the spec and residual_path_type): in the PCA basis the residual's outlier features fill the first 32-wide
-#: blocks (SmolLM2 at 0.25, --round-to 32: q4_0 shortcuts take perplexity from 50.8 to 1698, q8_0 shortcuts to 53.0),
-#: and a 4-bit head is the usual weak spot of q4 files.
+#: block-quantized file types keep these tensors at a higher precision unless --gguf-shortcut-type names one (see the
+#: spec and residual_path_type; SmolLM2 at 0.25 in the PCA basis: q4_0 shortcuts take perplexity from 50.8 to 1698,
+#: q8_0 shortcuts to 53.0), and a 4-bit head is the usual weak spot of q4 files.
 PROTECTED = {Q.Q8_0: dict.fromkeys(RESIDUAL_PATH, Q.F16), Q.Q4_0: {**dict.fromkeys(RESIDUAL_PATH, Q.F16), "output.weight": Q.Q8_0}}
 
 
@@ -241,19 +240,16 @@ def stored_type(name: str, qtype: Q, residual_qtype: Q | None = None) -> Q:
 BASES = ("auto", "pca", "incoherent")
 
 
-def residual_path_type(qtype: Q, shortcut_type: str, shortcuts: int, blocks: int) -> Q | None:
-    """The residual path's type: `shortcut_type` when named; for "auto", q8_0 in a q8_0 file whose blocks carry at
-    most one shortcut each (block or global rotation), else None (the PROTECTED rule).
+def residual_path_type(shortcut_type: str) -> Q | None:
+    """The residual path's type: `shortcut_type` when named, else None (the PROTECTED rule: f16 in q8_0/q4_0 files).
 
-    Quantized (in the incoherent basis, padding.py), a shortcut still rounds the residual it carries to 8 bits, and
-    that error adds up over the shortcuts.  llama.cpp's perplexity against the reference (python
-    bench/residual_path.py, bench/results/residual_path.md): SmolLM2 with one shortcut per block (--target-params
-    0.75) +0.35% with a q8_0 residual path, -0.06% with f16; with two per block (the paper's --sparsity 0.25) +1.08%
-    with q8_0, +0.26% with f16.
+    Quantized, a shortcut rounds the residual it carries to 8 bits (weights and, in llama.cpp, activations), once
+    per shortcut and for good.  In the incoherent basis that costs SmolLM2 at --target-params 0.75 (one shortcut
+    per block) between +0.3% and +1.2% of llama.cpp perplexity, depending on the basis (the signs of the rotation
+    and the bits of PCA), and +1.1% at the paper's --sparsity 0.25 (two per block); with f16 residual paths both
+    stay within 0.4% (bench/results/residual_path.md).  So f16 by default; q8_0 decodes faster.
     """
-    if shortcut_type != "auto":
-        return GGUF_TYPES[shortcut_type][0]
-    return Q.Q8_0 if qtype == Q.Q8_0 and shortcuts <= blocks else None
+    return None if shortcut_type == "auto" else GGUF_TYPES[shortcut_type][0]
 
 
 def planned_type(name: str, shape: tuple[int, ...], qtype: Q, residual_qtype: Q | None = None) -> Q:
@@ -331,11 +327,12 @@ def export_gguf(
 ) -> Path:
     """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path.
 
-    `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" as
-    residual_path_type says, or a GGUF type name.  `basis` of a block-quantized file's residual signals: "auto" is
-    "incoherent" (exporters/padding.py) for q8_0, which the 8-bit rounding of the activations needs, and "pca" (the
-    checkpoint's own) for q4_0, whose 4-bit weights lose more in the incoherent basis (SmolLM2 at 0.25: perplexity
-    87.2 against 76.8 on 16 test windows); bench/residual_path.py measures each combination in q8_0.
+    `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" (f16 in
+    block-quantized files, see residual_path_type) or a GGUF type name.  `basis` of a block-quantized file's
+    residual signals: "auto" is "incoherent" (exporters/padding.py) for q8_0, whose 8-bit rounding of weights and
+    activations loses less there, and "pca" (the checkpoint's own) for q4_0, whose 4-bit weights lose more in the
+    incoherent basis (SmolLM2 at 0.25: perplexity 87.2 against 76.8 on 16 test windows); bench/residual_path.py
+    measures each combination in q8_0.
     """
     if basis not in BASES:
         raise SliceGPTError(f"unknown basis {basis!r} (choose from {', '.join(BASES)})")
@@ -347,7 +344,7 @@ def export_gguf(
     cfg, _ = read_config(checkpoint)
     tensors = lazy_tensors(checkpoint)  # read one at a time below
     n_params = parameter_count(tensors.meta())
-    residual_qtype = residual_path_type(qtype, shortcut_type, sum("shortcut" in name for name in tensors), cfg.num_layers)
+    residual_qtype = residual_path_type(shortcut_type)
     padded: Mapping[str, torch.Tensor] = tensors
     shape_of = tensors.shape
     if qtype in BLOCK_TYPES:
