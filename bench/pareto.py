@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import protocol_checkpoint, sliced_checkpoint, test_windows
+from common import WORK, protocol_checkpoint, sliced_checkpoint, test_windows
 from gguf_in_llama_cpp import NEW_TOKENS, THREADS, decode_speed, llama_bench, stock_dense_q8_0
 from onnx_speed import PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
 
@@ -104,11 +104,11 @@ def exports(checkpoint: Path) -> tuple[Path, Path]:
     return onnx_dir, gguf_file
 
 
-def variant_file(checkpoint: Path, residual_type: str, basis: str) -> Path:
+def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = "") -> Path:
     """The q8_0 GGUF file with the residual path (shortcuts, tied projections) in `residual_type`, in `basis` (cached)."""
     from slicegpt_export.exporters.gguf import export_gguf
 
-    out = WORK / f"{checkpoint.name}-q8_0-residual-{residual_type}-{basis}"
+    out = WORK / f"{checkpoint.name}-q8_0-residual-{residual_type}-{basis}{tag}"
     path = out / "model-q8_0.gguf"
     if not path.is_file():
         export_gguf(checkpoint=checkpoint, out=out, gguf_type="q8_0", shortcut_type=residual_type, basis=basis, overwrite=True)
@@ -135,10 +135,14 @@ def add_llama_bench(dense: dict, rows: list[dict]) -> None:
         r["speed"]["llama_cpp_q8_0_all"] = measured[f"{r['row']} q8_0 residual"][f"tg{NEW_TOKENS}"]["tok_s"]
 
 
+#: the dense figure a speed is set against: the all-q8_0 file against the same dense q8_0 file as the default one
+DENSE_KEY = {"llama_cpp_q8_0_all": "llama_cpp_q8_0"}
+
+
 def fmt_speed(row: dict, dense: dict, key: str) -> str:
     if key not in row.get("speed", {}):
         return "-"
-    ratio = row["speed"][key] / dense[key]
+    ratio = row["speed"][key] / dense[DENSE_KEY.get(key, key)]
     return f"{ratio:.2f}x ({ratio / row['bound']:.0%})"
 
 

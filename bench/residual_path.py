@@ -6,8 +6,9 @@ The residual path is the shortcut matrices and a tied model's embedding and head
 on the raw residual stream).  For each row (pareto.py's names) the q8_0 file is written four ways:
 residual path f16 or q8_0, residual signals in the PCA basis or the incoherent one (exporters/padding.py),
 and llama.cpp's perplexity on the protocol's 64 test windows is set against the reference's.  Also the
-file size.  Perplexities are cached beside each file in bench/work.  Writes residual_path.json and
-residual_path.md into --out.
+file size.  With --seeds, the incoherent variants again with other random signs of the rotation
+(padding.INCOHERENCE_SEED), to show how much the cost depends on the basis.  Perplexities are cached
+beside each file in bench/work.  Writes residual_path.json and residual_path.md into --out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,16 +31,48 @@ VARIANTS = {"f16, PCA": ("f16", "pca"), "f16, incoherent": ("f16", "incoherent")
             "q8_0, incoherent": ("q8_0", "incoherent")}  # fmt: skip
 
 
+@contextmanager
+def incoherence_seed(seed: int) -> Iterator[None]:
+    """Within the block, the incoherent basis draws its signs from `seed` (the exporter's constant restored after)."""
+    from slicegpt_export.exporters import padding
+
+    saved = padding.INCOHERENCE_SEED
+    padding.INCOHERENCE_SEED = seed
+    padding.incoherent_rotation.cache_clear()
+    try:
+        yield
+    finally:
+        padding.INCOHERENCE_SEED = saved
+        padding.incoherent_rotation.cache_clear()
+
+
+def seed_rows(row: str, checkpoint: Path, windows, seeds: list[int]) -> dict[str, dict[int, float]]:
+    """llama.cpp perplexity of the incoherent variants with each seed's signs (files cached under their seed)."""
+    result: dict[str, dict[int, float]] = {}
+    for residual_type in ("f16", "q8_0"):
+        for seed in seeds:
+            with incoherence_seed(seed):
+                path = variant_file(checkpoint, residual_type, "incoherent", tag=f"-seed{seed}" if seed else "")
+            result.setdefault(residual_type, {})[seed] = llama_cpp_perplexity(path, windows)
+            print(json.dumps({row: {residual_type: result[residual_type]}}), file=sys.stderr)
+    return result
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| slicing | reference | " + " | ".join(VARIANTS) + " | default |", "|---" * (len(VARIANTS) + 3) + "|"]
     for r in rows:
         cells = [f"{v['perplexity']:.2f} ({v['perplexity'] / r['reference'] - 1:+.2%}), {v['mib']:.1f} MiB" for v in r["variants"].values()]
         lines.append(f"| {r['row']} | {r['reference']:.2f} | {' | '.join(cells)} | {r['default']} |")
-    return "\n".join(lines + [
+    notes = [
         "",
         "llama.cpp q8_0 perplexity on the protocol's 64 test windows (its change against the reference) and file size,",
         "for each type and basis of the residual path (shortcuts, tied projections); every other matrix is q8_0.",
-    ]) + "\n"  # fmt: skip
+    ]
+    for r in rows:
+        for residual_type, by_seed in r.get("seeds", {}).items():
+            changes = ", ".join(f"seed {k}: {v / r['reference'] - 1:+.2%}" for k, v in by_seed.items())
+            notes.append(f"{r['row']}, residual path {residual_type}, incoherent basis with other signs: {changes}.")
+    return "\n".join(lines + notes) + "\n"
 
 
 def default_variant() -> str:
@@ -53,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="paper:0.25,block-uniform-ffn60:0.75")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--seeds", default="", help="comma-separated rotation seeds besides 0 (e.g. 1,2,3)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     rows = []
@@ -64,6 +100,8 @@ def main() -> None:
             path = variant_file(checkpoint, residual_type, basis)
             result["variants"][name] = {"perplexity": llama_cpp_perplexity(path, windows), "mib": path.stat().st_size / 2**20}
             print(json.dumps({row: {name: result["variants"][name]}}), file=sys.stderr)
+        if args.seeds:
+            result["seeds"] = seed_rows(row, checkpoint, windows, [0] + [int(x) for x in args.seeds.split(",")])
         rows.append(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "residual_path.json").write_text(json.dumps(rows, indent=2) + "\n")
