@@ -1,5 +1,5 @@
 """Zero-padding of residual widths, so that block-quantized exports quantize every matrix, and the
-incoherence rotation that lets them quantize the residual path too.
+incoherent basis, in which their 8-bit rounding costs less.
 
 Block quantizers (GGUF q8_0/q4_0, ONNX MatMulNBits) work on rows whose length is a multiple of
 their block (32).  A sliced width such as 432 is not, and a matrix reading a 432-wide signal
@@ -165,6 +165,8 @@ def pad_residual_widths(
     layers = [LayerWidths(p(w.attn_in), p(w.attn_out), p(w.mlp_in), p(w.mlp_out), w.intermediate) for w in cfg.layers]
     logger.info("residual widths padded to multiples of %d (exact: zero coordinates)%s", multiple,
                 ", in the incoherent basis" if incoherent else "")  # fmt: skip
+    # the tied matrix's columns: a sliced width padded; all D columns (None) padded only where D is not aligned
+    tied_width = p(cfg.tied_width or cfg.hidden_size) if cfg.tied_width or p(cfg.hidden_size) != cfg.hidden_size else None
     cfg = dataclasses.replace(cfg, embedding_width=p(cfg.embedding_width), layers=layers, head_in=p(cfg.head_in),
-                              tied_width=p(cfg.tied_width) if cfg.tied_width else None)  # fmt: skip
+                              tied_width=tied_width if cfg.tied_embeddings else None)  # fmt: skip
     return cfg, ResidualTensors(tensors, plan, multiple, incoherent=incoherent)
