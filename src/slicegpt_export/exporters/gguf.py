@@ -245,9 +245,9 @@ def residual_path_type(shortcut_type: str) -> Q | None:
 
     Quantized, a shortcut rounds the residual it carries to 8 bits (weights and, in llama.cpp, activations), once
     per shortcut and for good.  In the incoherent basis that costs SmolLM2 at --target-params 0.75 (one shortcut
-    per block) between +0.3% and +1.2% of llama.cpp perplexity, depending on the basis (the signs of the rotation
-    and the bits of PCA), and +1.1% at the paper's --sparsity 0.25 (two per block); with f16 residual paths both
-    stay within 0.4% (bench/results/residual_path.md).  So f16 by default; q8_0 decodes faster.
+    per block) between +0.35% and +1.26% of llama.cpp perplexity, depending on the basis (the signs of the rotation,
+    the bits of PCA), and +1.08% at the paper's --sparsity 0.25 (two per block); with f16 residual paths they stay
+    within 0.45% (bench/results/residual_path*.md).  So f16 by default; q8_0 decodes faster.
     """
     return None if shortcut_type == "auto" else GGUF_TYPES[shortcut_type][0]
 
