@@ -329,10 +329,10 @@ def export_gguf(
 
     `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" (f16 in
     block-quantized files, see residual_path_type) or a GGUF type name.  `basis` of a block-quantized file's
-    residual signals: "auto" is "incoherent" (exporters/padding.py) for q8_0, whose 8-bit rounding of weights and
-    activations loses less there, and "pca" (the checkpoint's own) for q4_0, whose 4-bit weights lose more in the
-    incoherent basis (SmolLM2 at 0.25: perplexity 87.2 against 76.8 on 16 test windows); bench/residual_path.py
-    measures each combination in q8_0.
+    residual signals: "auto" is "incoherent" (exporters/padding.py) for a q8_0 file whose residual path is q8_0 too,
+    which its 8-bit rounding needs, else "pca" (the checkpoint's own: an f16 residual path in the incoherent basis
+    measured from -0.06% to +0.45% against the PCA basis' +0.26%/+0.82%, and a freshly sliced 0.25 model failed the
+    0.5% bound in CI; q4_0 lost more in it); bench/residual_path.py measures each combination in q8_0.
     """
     if basis not in BASES:
         raise SliceGPTError(f"unknown basis {basis!r} (choose from {', '.join(BASES)})")
@@ -348,7 +348,7 @@ def export_gguf(
     padded: Mapping[str, torch.Tensor] = tensors
     shape_of = tensors.shape
     if qtype in BLOCK_TYPES:
-        incoherent = basis == "incoherent" or (basis == "auto" and qtype == Q.Q8_0)
+        incoherent = basis == "incoherent" or (basis == "auto" and qtype == Q.Q8_0 and residual_qtype in BLOCK_TYPES)
         cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0], incoherent=incoherent)
         shape_of = padded.shape
     extra = rope_tensors(cfg)
