@@ -115,6 +115,15 @@ def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = ""
     return path
 
 
+def default_variant() -> str:
+    """The variant export_gguf's defaults write in q8_0 (its own rules for the residual path's type and basis)."""
+    from slicegpt_export.exporters.gguf import GGUF_TYPES, is_incoherent, residual_path_type
+
+    q8, residual = GGUF_TYPES["q8_0"][0], residual_path_type("auto")
+    basis = "incoherent" if is_incoherent(q8, residual, "auto") else "PCA"
+    return f"{'f16' if residual is None else residual.name.lower()}, {basis}"
+
+
 def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
     session = Session(onnx_dir)
     return {
@@ -166,8 +175,8 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
         "Stored parameters count every tensor (a tied matrix once, shortcuts and projections included) against the dense",
         "model's 134.5M; the bound is dense/sliced weight MACs per token; speed-ups are against the dense model exported",
         "the same way and measured in the same run, with the fraction of the bound in brackets. llama.cpp files are the",
-        "default q8_0 export (f16 residual path, incoherent basis); all-q8_0 has the residual path in q8_0 too",
-        "(--gguf-shortcut-type q8_0; its perplexity: bench/residual_path.py).",
+        f"default q8_0 export (residual path, basis: {default_variant()}); all-q8_0 has the residual path in q8_0 too,",
+        "in the incoherent basis (--gguf-shortcut-type q8_0; its perplexity: bench/residual_path.py).",
     ]
     if dense:
         notes.append(f"Dense decode in this run: ONNX fp32 b1 {dense['onnx_b1']:.1f} tok/s, b8 {dense['onnx_b8']:.1f} tok/s; "

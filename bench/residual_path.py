@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import test_windows
-from pareto import checkpoint_for, llama_cpp_perplexity, quality, variant_file
+from pareto import checkpoint_for, default_variant, llama_cpp_perplexity, quality, variant_file
 
 #: name -> (residual path type, basis)
 VARIANTS = {"f16, PCA": ("f16", "pca"), "f16, incoherent": ("f16", "incoherent"), "q8_0, PCA": ("q8_0", "pca"),
@@ -73,13 +73,6 @@ def markdown(rows: list[dict]) -> str:
             changes = ", ".join(f"seed {k}: {v / r['reference'] - 1:+.2%}" for k, v in by_seed.items())
             notes.append(f"{r['row']}, residual path {residual_type}, incoherent basis with other signs: {changes}.")
     return "\n".join(lines + notes) + "\n"
-
-
-def default_variant() -> str:
-    """The variant export_gguf's defaults write in q8_0."""
-    from slicegpt_export.exporters.gguf import residual_path_type
-
-    return "f16, incoherent" if residual_path_type("auto") is None else "q8_0, incoherent"
 
 
 def main() -> None:

@@ -246,10 +246,17 @@ def residual_path_type(shortcut_type: str) -> Q | None:
     Quantized, a shortcut rounds the residual it carries to 8 bits (weights and, in llama.cpp, activations), once
     per shortcut and for good.  In the incoherent basis that costs SmolLM2 at --target-params 0.75 (one shortcut
     per block) between +0.35% and +1.26% of llama.cpp perplexity, depending on the basis (the signs of the rotation,
-    the bits of PCA), and +1.08% at the paper's --sparsity 0.25 (two per block); with f16 residual paths they stay
-    within 0.45% (bench/results/residual_path*.md).  So f16 by default; q8_0 decodes faster.
+    the bits of PCA), and +1.08% at the paper's --sparsity 0.25 (two per block), against +0.82% and +0.29% with an
+    f16 residual path in the PCA basis (bench/results/residual_path*.md).  So f16 by default; q8_0 decodes faster.
     """
     return None if shortcut_type == "auto" else GGUF_TYPES[shortcut_type][0]
+
+
+def is_incoherent(qtype: Q, residual_qtype: Q | None, basis: str) -> bool:
+    """Whether a block-quantized file is written in the incoherent basis: asked for, or ("auto") a q8_0 file whose
+    residual path is block-quantized too, which its 8-bit rounding needs (an f16 residual path keeps the PCA basis:
+    see export_gguf)."""
+    return basis == "incoherent" or (basis == "auto" and qtype == Q.Q8_0 and residual_qtype in BLOCK_TYPES)
 
 
 def planned_type(name: str, shape: tuple[int, ...], qtype: Q, residual_qtype: Q | None = None) -> Q:
@@ -329,10 +336,10 @@ def export_gguf(
 
     `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" (f16 in
     block-quantized files, see residual_path_type) or a GGUF type name.  `basis` of a block-quantized file's
-    residual signals: "auto" is "incoherent" (exporters/padding.py) for a q8_0 file whose residual path is q8_0 too,
-    which its 8-bit rounding needs, else "pca" (the checkpoint's own: an f16 residual path in the incoherent basis
-    measured from -0.06% to +0.45% against the PCA basis' +0.26%/+0.82%, and a freshly sliced 0.25 model failed the
-    0.5% bound in CI; q4_0 lost more in it); bench/residual_path.py measures each combination in q8_0.
+    residual signals: "auto" as is_incoherent says, "pca" (the checkpoint's own) or "incoherent" (exporters/padding.py).
+    With an f16 residual path the incoherent basis is no safe default: SmolLM2 at 0.25 measured +0.26% against the
+    PCA basis' +0.29% on one slicing, but +0.63% (47.234 against 46.936) on a fresh slicing of the same model; q4_0
+    lost more in it (87.2 against 76.8 on 16 windows).  bench/residual_path.py measures each combination in q8_0.
     """
     if basis not in BASES:
         raise SliceGPTError(f"unknown basis {basis!r} (choose from {', '.join(BASES)})")
@@ -348,7 +355,7 @@ def export_gguf(
     padded: Mapping[str, torch.Tensor] = tensors
     shape_of = tensors.shape
     if qtype in BLOCK_TYPES:
-        incoherent = basis == "incoherent" or (basis == "auto" and qtype == Q.Q8_0 and residual_qtype in BLOCK_TYPES)
+        incoherent = is_incoherent(qtype, residual_qtype, basis)
         cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0], incoherent=incoherent)
         shape_of = padded.shape
     extra = rope_tensors(cfg)
