@@ -91,17 +91,14 @@ def llama_cpp_perplexity(gguf_file: Path, windows: torch.Tensor) -> float:
 
 
 def exports(checkpoint: Path) -> tuple[Path, Path]:
-    """The ONNX fp32 folder and the default q8_0 GGUF file of a checkpoint (cached)."""
-    from slicegpt_export.exporters.gguf import export_gguf
+    """The ONNX fp32 folder and the default q8_0 GGUF file of a checkpoint (cached; the GGUF under its variant's name,
+    so a changed default is not read from a stale file)."""
     from slicegpt_export.exporters.onnx import export_onnx
 
-    onnx_dir, gguf_dir = checkpoint.with_name(checkpoint.name + "-onnx"), checkpoint.with_name(checkpoint.name + "-q8_0")
+    onnx_dir = checkpoint.with_name(checkpoint.name + "-onnx")
     if not (onnx_dir / "model.onnx").is_file():
         export_onnx(checkpoint=checkpoint, out=onnx_dir, overwrite=True)
-    gguf_file = gguf_dir / "model-q8_0.gguf"
-    if not gguf_file.is_file():
-        export_gguf(checkpoint=checkpoint, out=gguf_dir, gguf_type="q8_0", overwrite=True)
-    return onnx_dir, gguf_file
+    return onnx_dir, variant_file(checkpoint, *default_variant())
 
 
 def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = "") -> Path:
@@ -115,13 +112,21 @@ def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = ""
     return path
 
 
-def default_variant() -> str:
-    """The variant export_gguf's defaults write in q8_0 (its own rules for the residual path's type and basis)."""
-    from slicegpt_export.exporters.gguf import GGUF_TYPES, is_incoherent, residual_path_type
+def default_variant() -> tuple[str, str]:
+    """(residual path type, basis) that export_gguf's defaults write in q8_0 (its own rules for both)."""
+    from slicegpt_export.exporters.gguf import GGUF_TYPES, file_basis, residual_path_type
 
-    q8, residual = GGUF_TYPES["q8_0"][0], residual_path_type("auto")
-    basis = "incoherent" if is_incoherent(q8, residual, "auto") else "PCA"
-    return f"{'f16' if residual is None else residual.name.lower()}, {basis}"
+    q8 = GGUF_TYPES["q8_0"][0]
+    residual = residual_path_type("auto", q8)
+    return ("f16" if residual is None else residual.name.lower()), file_basis(q8, residual, "auto")
+
+
+def variant_name(residual_type: str, basis: str) -> str:
+    return f"{residual_type}, {'PCA' if basis == 'pca' else basis}"
+
+
+#: the other q8_0 file measured beside the default: the residual path in f16 (--gguf-shortcut-type f16, PCA basis)
+F16_RESIDUAL = ("f16", "pca")
 
 
 def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
@@ -136,16 +141,16 @@ def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
 def add_llama_bench(dense: dict, rows: list[dict]) -> None:
     """llama-bench tg128 of the dense stock file and every row's q8_0 file, in one invocation (the same run)."""
     files = {"dense": stock_dense_q8_0(), **{r["row"]: exports(checkpoint_for(r["row"]))[1] for r in rows},
-             **{f"{r['row']} q8_0 residual": variant_file(checkpoint_for(r["row"]), "q8_0", "incoherent") for r in rows}}  # fmt: skip
+             **{f"{r['row']} f16 residual": variant_file(checkpoint_for(r["row"]), *F16_RESIDUAL) for r in rows}}  # fmt: skip
     measured = llama_bench(files)
     dense["llama_cpp_q8_0"] = measured["dense"][f"tg{NEW_TOKENS}"]["tok_s"]
     for r in rows:
         r["speed"]["llama_cpp_q8_0"] = measured[r["row"]][f"tg{NEW_TOKENS}"]["tok_s"]
-        r["speed"]["llama_cpp_q8_0_all"] = measured[f"{r['row']} q8_0 residual"][f"tg{NEW_TOKENS}"]["tok_s"]
+        r["speed"]["llama_cpp_q8_0_f16_residual"] = measured[f"{r['row']} f16 residual"][f"tg{NEW_TOKENS}"]["tok_s"]
 
 
-#: the dense figure a speed is set against: the all-q8_0 file against the same dense q8_0 file as the default one
-DENSE_KEY = {"llama_cpp_q8_0_all": "llama_cpp_q8_0"}
+#: the dense figure a speed is set against: the f16-residual file against the same dense q8_0 file as the default one
+DENSE_KEY = {"llama_cpp_q8_0_f16_residual": "llama_cpp_q8_0"}
 
 
 def fmt_speed(row: dict, dense: dict, key: str) -> str:
@@ -159,12 +164,12 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
     lines = [
         "| slicing | widths min/mean/max (head) | stored params | vs dense | MACs/token vs dense = bound | perplexity "
         "| llama.cpp q8_0 ppl | ONNX fp32 b1 | ONNX fp32 b8 | llama.cpp q8_0 b1 (llama-bench) | llama.cpp q8_0 b1 (bindings) "
-        "| llama.cpp all-q8_0 b1 (llama-bench) |",
+        "| llama.cpp q8_0, f16 residual path, b1 (llama-bench) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r["widths"]
-        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0", "llama_cpp_q8_0_bindings", "llama_cpp_q8_0_all")]
+        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0", "llama_cpp_q8_0_bindings", "llama_cpp_q8_0_f16_residual")]
         lines.append(
             f"| {r['row']} | {w['min']}/{w['mean']:.0f}/{w['max']} ({w['head_in']}) | {r['parameters'] / 1e6:.1f}M "
             f"| {r['parameter_fraction']:.3f} | {r['mac_fraction']:.3f} = {r['bound']:.2f}x | {r['perplexity']:.2f} "
@@ -175,8 +180,8 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
         "Stored parameters count every tensor (a tied matrix once, shortcuts and projections included) against the dense",
         "model's 134.5M; the bound is dense/sliced weight MACs per token; speed-ups are against the dense model exported",
         "the same way and measured in the same run, with the fraction of the bound in brackets. llama.cpp files are the",
-        f"default q8_0 export (residual path, basis: {default_variant()}); all-q8_0 has the residual path in q8_0 too,",
-        "in the incoherent basis (--gguf-shortcut-type q8_0; its perplexity: bench/residual_path.py).",
+        f"default q8_0 export (residual path, basis: {variant_name(*default_variant())}); beside it the file with an f16",
+        f"residual path ({variant_name(*F16_RESIDUAL)}: --gguf-shortcut-type f16; its perplexity: bench/residual_path.py).",
     ]
     if dense:
         notes.append(f"Dense decode in this run: ONNX fp32 b1 {dense['onnx_b1']:.1f} tok/s, b8 {dense['onnx_b8']:.1f} tok/s; "

@@ -3,11 +3,12 @@
     scripts/build_llama_cpp.sh && python bench/residual_path.py [--rows paper:0.25,block-uniform-ffn60:0.75]
 
 The residual path is the shortcut matrices and a tied model's embedding and head projections (they act
-on the raw residual stream).  For each row (pareto.py's names) the q8_0 file is written four ways:
-residual path f16 or q8_0, residual signals in the PCA basis or the incoherent one (exporters/padding.py),
-and llama.cpp's perplexity on the protocol's 64 test windows is set against the reference's.  Also the
-file size.  With --seeds, the incoherent variants again with other random signs of the rotation
-(padding.INCOHERENCE_SEED), to show how much the cost depends on the basis.  Perplexities are cached
+on the raw residual stream).  For each row (pareto.py's names) the q8_0 file is written five ways:
+residual path f16 or q8_0, residual signals in the PCA basis or the incoherent one, and a q8_0 residual
+path in the aligned basis with its shortcuts stored as corrections S - J (exporters/padding.py); llama.cpp's
+perplexity on the protocol's 64 test windows is set against the reference's.  Also the file size.  With
+--seeds, the variants that draw random signs again with other signs (padding.INCOHERENCE_SEED), to show how
+much the cost depends on the basis.  Perplexities are cached
 beside each file in bench/work.  Writes residual_path.json and residual_path.md into --out.
 """
 
@@ -24,11 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import test_windows
-from pareto import checkpoint_for, default_variant, llama_cpp_perplexity, quality, variant_file
+from pareto import checkpoint_for, default_variant, llama_cpp_perplexity, quality, variant_file, variant_name
 
 #: name -> (residual path type, basis)
 VARIANTS = {"f16, PCA": ("f16", "pca"), "f16, incoherent": ("f16", "incoherent"), "q8_0, PCA": ("q8_0", "pca"),
-            "q8_0, incoherent": ("q8_0", "incoherent")}  # fmt: skip
+            "q8_0, incoherent": ("q8_0", "incoherent"), "q8_0, aligned": ("q8_0", "aligned")}  # fmt: skip
+#: the variants whose basis draws random signs, measured again with other signs by --seeds
+SEEDED = ("f16, incoherent", "q8_0, incoherent", "q8_0, aligned")
 
 
 @contextmanager
@@ -46,15 +49,16 @@ def incoherence_seed(seed: int) -> Iterator[None]:
         padding.incoherent_rotation.cache_clear()
 
 
-def seed_rows(row: str, checkpoint: Path, windows, seeds: list[int]) -> dict[str, dict[int, float]]:
-    """llama.cpp perplexity of the incoherent variants with each seed's signs (files cached under their seed)."""
+def seed_rows(row: str, checkpoint: Path, windows, seeds: list[int], names: list[str]) -> dict[str, dict[int, float]]:
+    """llama.cpp perplexity of the seeded variants `names` with each seed's signs (files cached under their seed)."""
     result: dict[str, dict[int, float]] = {}
-    for residual_type in ("f16", "q8_0"):
+    for name in names:
+        residual_type, basis = VARIANTS[name]
         for seed in seeds:
             with incoherence_seed(seed):
-                path = variant_file(checkpoint, residual_type, "incoherent", tag=f"-seed{seed}" if seed else "")
-            result.setdefault(residual_type, {})[seed] = llama_cpp_perplexity(path, windows)
-            print(json.dumps({row: {residual_type: result[residual_type]}}), file=sys.stderr)
+                path = variant_file(checkpoint, residual_type, basis, tag=f"-seed{seed}" if seed else "")
+            result.setdefault(name, {})[seed] = llama_cpp_perplexity(path, windows)
+            print(json.dumps({row: {name: result[name]}}), file=sys.stderr)
     return result
 
 
@@ -69,9 +73,9 @@ def markdown(rows: list[dict]) -> str:
         "for each type and basis of the residual path (shortcuts, tied projections); every other matrix is q8_0.",
     ]
     for r in rows:
-        for residual_type, by_seed in r.get("seeds", {}).items():
+        for name, by_seed in r.get("seeds", {}).items():
             changes = ", ".join(f"seed {k}: {v / r['reference'] - 1:+.2%}" for k, v in by_seed.items())
-            notes.append(f"{r['row']}, residual path {residual_type}, incoherent basis with other signs: {changes}.")
+            notes.append(f"{r['row']}, residual path and basis {name}, with the rotation's other signs: {changes}.")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -82,19 +86,23 @@ def main() -> None:
     parser.add_argument("--rows", default="paper:0.25,block-uniform-ffn60:0.75")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--seeds", default="", help="comma-separated rotation seeds besides 0 (e.g. 1,2,3)")
+    parser.add_argument("--seeded", default=";".join(SEEDED), help=f"which variants --seeds measures (';'-separated; default: {'; '.join(SEEDED)})")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     rows = []
     for row in args.rows.split(","):
         checkpoint = checkpoint_for(row)
         windows = test_windows(load_tokenizer(checkpoint))
-        result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": default_variant(), "variants": {}}
+        result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": variant_name(*default_variant()), "variants": {}}
         for name, (residual_type, basis) in VARIANTS.items():
             path = variant_file(checkpoint, residual_type, basis)
             result["variants"][name] = {"perplexity": llama_cpp_perplexity(path, windows), "mib": path.stat().st_size / 2**20}
             print(json.dumps({row: {name: result["variants"][name]}}), file=sys.stderr)
         if args.seeds:
-            result["seeds"] = seed_rows(row, checkpoint, windows, [0] + [int(x) for x in args.seeds.split(",")])
+            names = [name.strip() for name in args.seeded.split(";")]
+            if unknown := [name for name in names if name not in SEEDED]:
+                parser.error(f"--seeded: {', '.join(unknown)} draw no random signs (choose from {'; '.join(SEEDED)})")
+            result["seeds"] = seed_rows(row, checkpoint, windows, [0] + [int(x) for x in args.seeds.split(",")], names)
         rows.append(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "residual_path.json").write_text(json.dumps(rows, indent=2) + "\n")

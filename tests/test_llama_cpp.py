@@ -17,6 +17,7 @@ from slicegpt_export.checkpoint import load_sliced
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.gguf import export_gguf
 from slicegpt_export.modeling import generate
+from slicegpt_export.validation.gguf_runner import GGUFFormatError, GGUFModel
 from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
 
 pytestmark = pytest.mark.usefixtures("llama_cpp")
@@ -61,14 +62,28 @@ def test_llama_cpp_greedy_continuation_is_the_references(exported):
 def test_q8_0_file_picks_the_references_tokens(family, slicing, tmp_path, wikitext):
     # trained, so that top-1 is a real choice: a random model's top two logits are near-ties.  Measured 98.0-99.6%:
     # besides the 8-bit weights, llama.cpp rounds activations to 8 bits in q8_0 products (our runner: 98.8-100%)
-    # the budget slicings with their residual path in q8_0 too (--gguf-shortcut-type q8_0, the incoherent basis)
+    # the default q8_0 file: all q8_0, the residual path in the aligned basis with its shortcuts stored as S - J
     checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint", train_on=wikitext / "valid.txt")
-    residual = {} if isinstance(slicing, float) else {"shortcut_type": "q8_0"}
-    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0", **residual)
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q8", gguf_type="q8_0")
     ids = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(3))
     got = LlamaCppModel(path, n_ctx=64).logits(ids)
     agree = (got.argmax(-1) == load_sliced(checkpoint)(ids).logits.argmax(-1)).float().mean().item()
     assert agree >= 0.97, agree
+
+
+ALIGNED_CASES = [("llama", 0.25), ("phi", 0.25), ("gemma2", 0.25), *BUDGET_CASES]
+
+
+@pytest.mark.parametrize(("family", "slicing"), ALIGNED_CASES)
+def test_shortcuts_stored_as_corrections_run_exactly(family, slicing, tmp_path):
+    # the aligned basis in an f32 file: shortcuts stored as S - J (spec version 4), llama.cpp adds J x back (a view of
+    # x's first rows, or x zero-extended where a per-layer width grows)
+    checkpoint = write_sliced_checkpoint(family, slicing, tmp_path / "checkpoint")
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32", basis="aligned")
+    assert gguf.GGUFReader(path).fields[spec.SHORTCUT_DELTA].contents() is True
+    ids = prompt()
+    want = load_sliced(checkpoint)(torch.tensor([ids])).logits
+    assert (LlamaCppModel(path, n_ctx=64).logits(torch.tensor([ids])) - want).abs().max().item() <= LOGIT_BOUND
 
 
 def rewrite_key(path, out, key: str, value: int) -> None:
@@ -84,17 +99,20 @@ def test_unsupported_or_broken_files_are_refused_not_crashed(tmp_path):
     checkpoint = write_sliced_checkpoint("llama", 0.25, tmp_path / "checkpoint")
     path = export_gguf(checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32")
     future = tmp_path / "future.gguf"
-    rewrite_key(path, future, spec.SPEC_VERSION_KEY, spec.SPEC_VERSION + 1)
+    rewrite_key(path, future, spec.SPEC_VERSION_KEY, max(spec.READABLE_SPEC_VERSIONS) + 1)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    for bad in (future, truncated):
+    corrections = export_gguf(checkpoint=checkpoint, out=tmp_path / "aligned", gguf_type="f32", basis="aligned")
+    mislabelled = tmp_path / "corrections-as-version-3.gguf"  # S - J where a version 3 reader would read S
+    rewrite_key(corrections, mislabelled, spec.SPEC_VERSION_KEY, 3)
+    for bad in (future, truncated, mislabelled):
         with pytest.raises(SliceGPTError, match="llama.cpp could not load"):
             LlamaCppModel(bad, n_ctx=64)
+    with pytest.raises(GGUFFormatError, match="needs spec version 4"):
+        GGUFModel(mislabelled)
 
 
 def test_file_only_runner_reads_llama3_rope_scaling(tmp_path):
-    from slicegpt_export.validation.gguf_runner import GGUFModel
-
     checkpoint = write_sliced_checkpoint("llama-rope-llama3", 0.25, tmp_path / "checkpoint")
     path = export_gguf(checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32")
     ids = torch.tensor([prompt(48)])  # past the 16 original positions, where the scaling matters

@@ -1,4 +1,4 @@
-"""The `slicegpt` GGUF architecture, version 3: every metadata key and tensor name in one place.
+"""The `slicegpt` GGUF architecture, version 4: every metadata key and tensor name in one place.
 
 docs/gguf-slicegpt.md is the prose version of this module; the writer and the runner use
 only these constants.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 ARCH = "slicegpt"
 SPEC_VERSION = 3  # 2: tied embeddings (token_embd read by the head through output_proj); 3: q/k norms, LongRoPE, Gemma
-READABLE_SPEC_VERSIONS = (2, 3)  # a version 2 file has neither q/k norms nor LongRoPE
+DELTA_SPEC_VERSION = 4  # 4: shortcuts stored as S - J (SHORTCUT_DELTA); written only by files that use it
+READABLE_SPEC_VERSIONS = (2, 3, 4)  # a version 2 file has neither q/k norms nor LongRoPE
 
 
 def key(name: str) -> str:
@@ -73,6 +74,7 @@ WIDTH_ATTN_OUT = key("width.attn_out")
 WIDTH_MLP_IN = key("width.mlp_in")
 WIDTH_MLP_OUT = key("width.mlp_out")
 WIDTH_HEAD_IN = key("width.head_in")
+SHORTCUT_DELTA = key("shortcut_delta")  # bool, version 4: every stored shortcut is S - J, J = [I 0; 0 0]
 
 REQUIRED_KEYS = (
     SPEC_VERSION_KEY, BASE_FAMILY, BLOCK_COUNT, EMBEDDING_LENGTH, CONTEXT_LENGTH, FEED_FORWARD_LENGTH, VOCAB_SIZE,

@@ -24,7 +24,8 @@ from slicegpt_export import gguf_spec as spec
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, lazy_tensors, parameter_count, read_config
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters.padding import pad_residual_widths
+from slicegpt_export.exporters import padding
+from slicegpt_export.exporters.padding import ResidualTensors, pad_residual_widths
 from slicegpt_export.modeling import (
     longrope_original_context,
     rope_attention_factor,
@@ -76,9 +77,12 @@ def gguf_file_name(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
-def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig) -> None:
-    """Every `slicegpt.*` key of the spec."""
-    w.add_uint32(spec.SPEC_VERSION_KEY, spec.SPEC_VERSION)
+def add_hyperparameters(w: gguf.GGUFWriter, cfg: SlicedConfig, *, shortcut_delta: bool = False) -> None:
+    """Every `slicegpt.*` key of the spec; a file storing shortcuts as S - J says so and is version 4 (older readers
+    refuse it instead of misreading it)."""
+    w.add_uint32(spec.SPEC_VERSION_KEY, spec.DELTA_SPEC_VERSION if shortcut_delta else spec.SPEC_VERSION)
+    if shortcut_delta:
+        w.add_bool(spec.SHORTCUT_DELTA, True)
     w.add_string(spec.BASE_FAMILY, cfg.model_type)
     for k, v in [(spec.BLOCK_COUNT, cfg.num_layers), (spec.EMBEDDING_LENGTH, cfg.hidden_size),
                  (spec.CONTEXT_LENGTH, cfg.max_position_embeddings),
@@ -220,10 +224,10 @@ BLOCK_TYPES = (Q.Q8_0, Q.Q4_0)
 #: residual and add their rounding error to it, once per matrix and for good, where a block's weights act on a
 #: normed signal and only add a branch; llama.cpp rounds the activations of q8_0 products to 8 bits as well
 RESIDUAL_PATH = ("shortcut", "token_embd_proj", "output_proj")
-#: block-quantized file types keep these tensors at a higher precision unless --gguf-shortcut-type names one (see the
-#: spec and residual_path_type; SmolLM2 at 0.25 in the PCA basis: q4_0 shortcuts take perplexity from 50.8 to 1698,
-#: q8_0 shortcuts to 53.0), and a 4-bit head is the usual weak spot of q4 files.
-PROTECTED = {Q.Q8_0: dict.fromkeys(RESIDUAL_PATH, Q.F16), Q.Q4_0: {**dict.fromkeys(RESIDUAL_PATH, Q.F16), "output.weight": Q.Q8_0}}
+#: q4_0 files keep these tensors at a higher precision unless --gguf-shortcut-type names one (see the spec and
+#: residual_path_type; SmolLM2 at 0.25 in the PCA basis: q4_0 shortcuts take perplexity from 50.8 to 1698), and a
+#: 4-bit head is the usual weak spot of q4 files.
+PROTECTED = {Q.Q4_0: {**dict.fromkeys(RESIDUAL_PATH, Q.F16), "output.weight": Q.Q8_0}}
 
 
 def stored_type(name: str, qtype: Q, residual_qtype: Q | None = None) -> Q:
@@ -237,26 +241,36 @@ def stored_type(name: str, qtype: Q, residual_qtype: Q | None = None) -> Q:
 
 
 #: the residual signals' basis in a block-quantized file (export_gguf)
-BASES = ("auto", "pca", "incoherent")
+BASES = ("auto", *padding.BASES)
 
 
-def residual_path_type(shortcut_type: str) -> Q | None:
-    """The residual path's type: `shortcut_type` when named, else None (the PROTECTED rule: f16 in q8_0/q4_0 files).
+def residual_path_type(shortcut_type: str, qtype: Q) -> Q | None:
+    """The residual path's type: `shortcut_type` when named; "auto" is q8_0 in a q8_0 file and None elsewhere (the
+    PROTECTED rule: f16 in q4_0 files, the file's type in others).
 
     Quantized, a shortcut rounds the residual it carries to 8 bits (weights and, in llama.cpp, activations), once
-    per shortcut and for good.  In the incoherent basis that costs SmolLM2 at --target-params 0.75 (one shortcut
-    per block) between +0.35% and +1.26% of llama.cpp perplexity, depending on the basis (the signs of the rotation,
-    the bits of PCA), and +1.08% at the paper's --sparsity 0.25 (two per block), against +0.82% and +0.29% with an
-    f16 residual path in the PCA basis (bench/results/residual_path*.md).  So f16 by default; q8_0 decodes faster.
+    per shortcut and for good.  In the PCA basis that cost SmolLM2 +5.9% of llama.cpp perplexity at the paper's
+    --sparsity 0.25 (two shortcuts per block), in the incoherent basis +1.1%; in the aligned basis, each shortcut
+    stored as the correction S - J, from -0.25% to +0.35% over four draws of the rotation's signs (--target-params
+    0.75: +0.19% to +0.43%), against +0.29% (+0.82%) for an f16 residual path in the PCA basis
+    (bench/results/residual_path*.md).  So a q8_0 file is all q8_0 by default, and decodes faster for it.
     """
-    return None if shortcut_type == "auto" else GGUF_TYPES[shortcut_type][0]
+    if shortcut_type != "auto":
+        return GGUF_TYPES[shortcut_type][0]
+    return Q.Q8_0 if qtype == Q.Q8_0 else None
 
 
-def is_incoherent(qtype: Q, residual_qtype: Q | None, basis: str) -> bool:
-    """Whether a block-quantized file is written in the incoherent basis: asked for, or ("auto") a q8_0 file whose
-    residual path is block-quantized too, which its 8-bit rounding needs (an f16 residual path keeps the PCA basis:
-    see export_gguf)."""
-    return basis == "incoherent" or (basis == "auto" and qtype == Q.Q8_0 and residual_qtype in BLOCK_TYPES)
+def file_basis(qtype: Q, residual_qtype: Q | None, basis: str) -> str:
+    """The basis of a file's residual signals (exporters/padding.py): `basis` when named; "auto" is "aligned" for a q8_0
+    file whose residual path is block-quantized too, which its 8-bit rounding needs, else "pca" (see export_gguf)."""
+    if basis != "auto":
+        return basis
+    return "aligned" if qtype == Q.Q8_0 and residual_qtype in BLOCK_TYPES else "pca"
+
+
+def stores_shortcut_delta(basis: str) -> bool:
+    """Aligned shortcuts are J plus a small correction: the file stores S - J (spec version 4)."""
+    return basis == "aligned"
 
 
 def planned_type(name: str, shape: tuple[int, ...], qtype: Q, residual_qtype: Q | None = None) -> Q:
@@ -334,12 +348,13 @@ def export_gguf(
 ) -> Path:
     """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path.
 
-    `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" (f16 in
-    block-quantized files, see residual_path_type) or a GGUF type name.  `basis` of a block-quantized file's
-    residual signals: "auto" as is_incoherent says, "pca" (the checkpoint's own) or "incoherent" (exporters/padding.py).
-    With an f16 residual path the incoherent basis is no safe default: SmolLM2 at 0.25 measured +0.26% against the
-    PCA basis' +0.29% on one slicing, but +0.63% (47.234 against 46.936) on a fresh slicing of the same model; q4_0
-    lost more in it (87.2 against 76.8 on 16 windows).  bench/residual_path.py measures each combination in q8_0.
+    `shortcut_type` is the type of the residual path (shortcuts, a tied model's projections): "auto" (see
+    residual_path_type) or a GGUF type name.  `basis` of the residual signals (exporters/padding.py): "auto" as
+    file_basis says, "pca" (the checkpoint's own), "incoherent" or "aligned" (shortcuts then stored as S - J, spec
+    version 4; in any file type, which tests the readers exactly).  The incoherent basis is no safe default with an
+    f16 residual path: SmolLM2 at 0.25 measured +0.26% against the PCA basis' +0.29% on one slicing, but +0.63%
+    (47.234 against 46.936) on a fresh slicing of the same model; q4_0 lost more in it (87.2 against 76.8 on 16
+    windows).  bench/residual_path.py measures each combination in q8_0.
     """
     if basis not in BASES:
         raise SliceGPTError(f"unknown basis {basis!r} (choose from {', '.join(BASES)})")
@@ -351,12 +366,14 @@ def export_gguf(
     cfg, _ = read_config(checkpoint)
     tensors = lazy_tensors(checkpoint)  # read one at a time below
     n_params = parameter_count(tensors.meta())
-    residual_qtype = residual_path_type(shortcut_type)
+    residual_qtype = residual_path_type(shortcut_type, qtype)
     padded: Mapping[str, torch.Tensor] = tensors
     shape_of = tensors.shape
-    if qtype in BLOCK_TYPES:
-        incoherent = is_incoherent(qtype, residual_qtype, basis)
-        cfg, padded = pad_residual_widths(cfg, tensors, gguf.GGML_QUANT_SIZES[qtype][0], incoherent=incoherent)
+    chosen = file_basis(qtype, residual_qtype, basis)
+    delta = stores_shortcut_delta(chosen)
+    if qtype in BLOCK_TYPES or chosen != "pca":  # widths padded to the quantization block (other files: unpadded)
+        multiple = gguf.GGML_QUANT_SIZES[qtype][0] if qtype in BLOCK_TYPES else 1
+        cfg, padded = pad_residual_widths(cfg, tensors, multiple, basis=chosen)
         shape_of = padded.shape
     extra = rope_tensors(cfg)
     planned = plan_tensors(padded, shape_of, extra, qtype, residual_qtype)
@@ -364,7 +381,7 @@ def export_gguf(
         path = tmp / gguf_file_name(gguf_type)
         w = SliceGPTWriter(str(path), spec.ARCH)
         add_general(w, checkpoint, cfg, file_type, n_params)
-        add_hyperparameters(w, cfg)
+        add_hyperparameters(w, cfg, shortcut_delta=delta)
         add_tokenizer(w, checkpoint, cfg)
         for p in planned:  # tensor infos first, from shapes: the data follows one tensor at a time, no temporary copy
             shape, dtype, nbytes = p.info()
@@ -373,7 +390,11 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for p in tqdm(planned, desc="writing tensors", unit="tensor", leave=False):
-            t = extra[p.name] if p.source is None else padded[p.source]
+            if delta and p.source is not None and padding.is_shortcut(p.source):
+                assert isinstance(padded, ResidualTensors)
+                t = padded.shortcut_delta(p.source)  # (d_in', d_out'): S' - P_in J
+            else:
+                t = extra[p.name] if p.source is None else padded[p.source]
             data, stored = tensor_data(p.name, t.T if p.source is not None and spec.is_right_multiplied(p.source) else t, qtype, residual_qtype)
             if stored != p.qtype or data.nbytes != p.info()[2]:
                 raise SliceGPTError(f"{p.name}: planned as {p.qtype.name}, made as {stored.name} ({data.nbytes} bytes)")

@@ -229,6 +229,13 @@ def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, torch.Tensor]
     return out
 
 
+def add_shortcut_identity(tensors: dict[str, torch.Tensor]) -> None:
+    """Shortcuts stored as S - J (spec version 4) back to S = J + (S - J); each (d_in, d_out)."""
+    for name, t in tensors.items():
+        if name.endswith("_shortcut"):
+            tensors[name] = t + torch.eye(t.shape[0], t.shape[1], dtype=t.dtype)
+
+
 def check_rope_freqs(cfg: SlicedConfig, stored: torch.Tensor | None, path: Path) -> None:
     """`rope_freqs.weight` (llama.cpp's form of Llama 3 scaling) must be present exactly when the keys ask for it and agree."""
     llama3 = cfg.rope is not None and rope_scaling_kind(cfg.rope) == "llama3"
@@ -262,6 +269,10 @@ class GGUFModel:
         self.meta = Metadata(self.reader, self.path)
         self.config = config_from_metadata(self.meta)
         tensors = read_tensors(self.reader, self.path)
+        if self.meta.get(spec.SHORTCUT_DELTA, bool, None) is not None and self.meta.get(spec.SPEC_VERSION_KEY, int) < spec.DELTA_SPEC_VERSION:
+            raise GGUFFormatError(f"{self.path}: {spec.SHORTCUT_DELTA} needs spec version {spec.DELTA_SPEC_VERSION}")
+        if self.meta.get(spec.SHORTCUT_DELTA, bool, False):
+            add_shortcut_identity(tensors)
         check_rope_freqs(self.config, tensors.pop(spec.ROPE_FREQS, None), self.path)
         attach_longrope_factors(self.config, tensors, self.path)
         try:

@@ -1,11 +1,11 @@
 // SliceGPT (Ashkboos et al., ICLR 2024): a decoder whose residual stream changes width from
 // block to block and carries a projection ("shortcut") matrix around every residual update.
-// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 3; version 2 files are read too).
+// File format: docs/gguf-slicegpt.md of slicegpt-export (spec version 4; versions 2 and 3 are read too).
 #include "models.h"
 
 #include <cmath>
 
-static constexpr uint32_t SLICEGPT_SPEC_VERSION = 3;
+static constexpr uint32_t SLICEGPT_SPEC_VERSION = 4;
 static constexpr uint32_t SLICEGPT_OLDEST_SPEC_VERSION = 2;  // 2: no q/k norms, no LongRoPE
 
 // the slicegpt.* keys are read straight from the GGUF metadata, each checked for its type
@@ -64,6 +64,13 @@ void llama_model_slicegpt::load_arch_hparams(llama_model_loader & ml) {
                                         version, SLICEGPT_OLDEST_SPEC_VERSION, SLICEGPT_SPEC_VERSION));
     }
     ml.get_key(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS, hparams.f_norm_rms_eps);
+    // version 4: shortcuts stored as S - J (absent: false); an older file must not carry the key
+    if (gguf_find_key(ml.metadata, "slicegpt.shortcut_delta") >= 0) {
+        if (version < 4) {
+            throw std::runtime_error("slicegpt: slicegpt.shortcut_delta needs spec version 4");
+        }
+        shortcut_delta = slicegpt_get_bool(ml, "shortcut_delta");
+    }
 
     // the sliding window: a layer attends to the last n_swa positions (key within n_swa of the query); every layer
     // (Mistral) unless attention.sliding_window_pattern lists the sliding ones (Gemma, version 3)
@@ -262,12 +269,21 @@ ggml_tensor * llama_model_slicegpt::graph::build_post_norm(ggml_tensor * post_pr
     return cur;
 }
 
-// the residual path Q_l^T Q_{l+1} (sliced): [d_in, n_tokens] -> [d_out, n_tokens]; identity when absent
+// the residual path Q_l^T Q_{l+1} (sliced): [d_in, n_tokens] -> [d_out, n_tokens]; identity when absent.
+// A version 4 file may store S - J (J = [I 0; 0 0]): then S x = J x + (S - J) x, J x being x's first d_out rows
+// (zero-extended when d_out > d_in), so the quantized matrix holds only the correction.
 ggml_tensor * llama_model_slicegpt::graph::build_shortcut(ggml_tensor * shortcut, ggml_tensor * x, int il) const {
     if (shortcut == nullptr) {
         return x;
     }
-    ggml_tensor * cur = build_lora_mm(shortcut, x);
+    ggml_tensor * cur = build_lora_mm(shortcut, x);  // [d_out, n_tokens]
+    if (model.shortcut_delta) {
+        const int64_t d_in = x->ne[0], d_out = cur->ne[0];
+        ggml_tensor * jx = d_out <= d_in
+            ? ggml_view_2d(ctx0, x, d_out, x->ne[1], x->nb[1], 0)  // the first d_out rows of x
+            : ggml_pad(ctx0, x, d_out - d_in, 0, 0, 0);
+        cur = ggml_add(ctx0, cur, jx);
+    }
     cb(cur, "shortcut", il);
     return cur;
 }
