@@ -161,6 +161,11 @@ class SlicedConfig:
         return cls(**data)
 
 
+def is_shortcut(name: str) -> bool:
+    """Whether checkpoint tensor `name` is a shortcut matrix (``layers.N.attn_shortcut`` / ``layers.N.mlp_shortcut``)."""
+    return name.endswith("_shortcut")
+
+
 def weight_macs_per_token(tensors: dict[str, torch.Tensor], *, tied_embeddings: bool) -> int:
     """Multiply-accumulates per token of every weight matrix product: linears, shortcuts, projections, head.
 

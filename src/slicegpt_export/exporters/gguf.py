@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from slicegpt_export import gguf_spec as spec
 from slicegpt_export.atomic import atomic_directory
-from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, lazy_tensors, parameter_count, read_config
+from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, is_shortcut, lazy_tensors, parameter_count, read_config
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters import padding
 from slicegpt_export.exporters.padding import ResidualTensors, pad_residual_widths
@@ -390,7 +390,7 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for p in tqdm(planned, desc="writing tensors", unit="tensor", leave=False):
-            if delta and p.source is not None and padding.is_shortcut(p.source):
+            if delta and p.source is not None and is_shortcut(p.source):
                 assert isinstance(padded, ResidualTensors)
                 t = padded.shortcut_delta(p.source)  # (d_in', d_out'): S' - P_in J
             else:

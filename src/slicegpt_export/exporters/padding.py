@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from slicegpt_export.checkpoint import LayerWidths, SlicedConfig
+from slicegpt_export.checkpoint import LayerWidths, SlicedConfig, is_shortcut
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +136,6 @@ def signal_maps(plan: Plan, tensors: Mapping[str, torch.Tensor], multiple: int, 
         else:  # an omitted shortcut is the identity: the same basis
             maps[name] = maps[prev]
     return maps
-
-
-def is_shortcut(name: str) -> bool:
-    return name.endswith("_shortcut")
 
 
 def signal_order(name: str) -> tuple[int, int]:

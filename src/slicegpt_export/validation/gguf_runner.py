@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from slicegpt_export import gguf_spec as spec
-from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig
+from slicegpt_export.checkpoint import LayerWidths, RopeSpec, SlicedConfig, is_shortcut
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import ModelDefinitionError, SlicedModel, build_model, rope_frequency_divisors, rope_scaling_kind
 
@@ -232,7 +232,7 @@ def read_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, torch.Tensor]
 def add_shortcut_identity(tensors: dict[str, torch.Tensor]) -> None:
     """Shortcuts stored as S - J (spec version 4) back to S = J + (S - J); each (d_in, d_out)."""
     for name, t in tensors.items():
-        if name.endswith("_shortcut"):
+        if is_shortcut(name):
             tensors[name] = t + torch.eye(t.shape[0], t.shape[1], dtype=t.dtype)
 
 
