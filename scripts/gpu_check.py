@@ -7,7 +7,9 @@ Rows:
   WikiText-2 test perplexity (64 x 512) of the checkpoint on CUDA, in memory and layer-streamed;
 * the ONNX fp16 graph for CUDA (GroupQueryAttention, --execution-provider cuda) on ONNX Runtime's CUDA provider:
   perplexity and the largest logit difference from the reference (2 prompts, 4 greedy steps);
-* onnxruntime-genai on CUDA, when its CUDA wheel is installed.
+* onnxruntime-genai on CUDA, when its CUDA wheel is installed;
+* recovery fine-tuning (150 steps of distillation, the CLI's default) on CUDA, run twice with the same seed: training
+  time, WikiText-2 test perplexity of the result, and the largest difference between the two runs' weights.
 A row whose requirement is missing says so instead of a number.
 """
 
@@ -110,6 +112,22 @@ def genai_cuda(onnx_dir: Path, checkpoint: Path) -> dict[str, Any]:
     return {"greedy_tokens_match_reference": got == expected, "genai_tokenizer_agrees": own == ids}
 
 
+RECOVERY_STEPS = 150
+
+
+def recover_on_cuda(checkpoint: Path, windows: torch.Tensor, work: Path) -> dict[str, Any]:
+    """Recovery on CUDA twice with the same seed: its training time, the result's perplexity and whether the runs agree."""
+    from slicegpt_export.checkpoint import read_tensors
+    from slicegpt_export.converter.recovery import recover_checkpoint
+
+    first, second = work / "recovered", work / "recovered-again"
+    result = recover_checkpoint(checkpoint=checkpoint, out=first, steps=RECOVERY_STEPS, device="cuda", progress=False)
+    recover_checkpoint(checkpoint=checkpoint, out=second, steps=RECOVERY_STEPS, device="cuda", progress=False)
+    a, b = read_tensors(first), read_tensors(second)
+    return {"training_seconds": result.seconds, "perplexity": reference_perplexity(first, windows, stream=False),
+            "max_abs_diff_between_runs": max((a[n].float() - b[n].float()).abs().max().item() for n in a)}  # fmt: skip
+
+
 def row(name: str, fn) -> dict[str, Any]:
     try:
         return {"check": name, **fn()}
@@ -136,6 +154,7 @@ def main() -> None:
         rows.append(row("reference on CUDA (layer-streamed)", lambda: {"perplexity": reference_perplexity(ckpt, windows, stream=True)}))
         rows.append(row("ONNX fp16, CUDA graph, CUDA provider", lambda: onnx_cuda(ckpt, windows, work / "onnx")))
         rows.append(row("onnxruntime-genai on CUDA (fp16 graph)", lambda: genai_cuda(work / "onnx", ckpt)))
+        rows.append(row(f"recover --device cuda ({RECOVERY_STEPS} steps, twice)", lambda: recover_on_cuda(ckpt, windows, work)))
     print(f"\n# gpu_check on {device} (torch {torch.__version__})\n")
     print("| check | result |\n| --- | --- |")
     for r in rows:

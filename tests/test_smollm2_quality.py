@@ -69,9 +69,9 @@ def test_recovery_moves_the_sliced_model_towards_dense_and_every_runtime_follows
     recovered = load_sliced(root / "recovered")
     after = kl_to_dense(recovered, dense_logits, held_out)
     print("KL", before, after)
-    # measured: 0.648 -> 0.637 after these 24 short steps (at the default 150 steps of 2 x 512 tokens the training
-    # KL falls 0.456 -> 0.124 and WikiText-2 perplexity at 0.25 from 46.94 to 37.13); held-out KL must fall
-    assert after < 0.99 * before, (before, after)
+    # measured: 0.648 -> 0.571 after these 24 short steps (0.637 when the shortcut matrices trained too); at the
+    # default 150 steps of 2 x 512 tokens the training KL falls 0.456 -> 0.130; held-out KL must fall by 5%
+    assert after < 0.95 * before, (before, after)
     # an ordinary checkpoint: ONNX and GGUF validate against it, llama.cpp gives its perplexity
     export_validated(format="onnx", checkpoint=root / "recovered", out=root / "onnx")
     gguf = export_gguf(checkpoint=root / "recovered", out=root / "gguf", gguf_type="f32")

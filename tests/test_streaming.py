@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import save_tiny_model
 
-from slicegpt_export.checkpoint import read_config, read_tensors
+from slicegpt_export.checkpoint import parameter_count, read_config, read_tensors
 from slicegpt_export.converter import streaming
 from slicegpt_export.converter.convert import slice_checkpoint
 from slicegpt_export.tensorio import WEIGHTS_INDEX_NAME, LazyTensors, ShardWriter
@@ -131,6 +131,17 @@ def test_shard_writer_round_trip(tmp_path):
     assert lazy.shape("e") == (40, 40) and lazy.stored_dtype("a") == torch.bfloat16
     assert torch.equal(lazy.pop("a"), tensors["a"].double()) and "a" not in lazy and len(lazy) == 4
 
+
+
+def test_a_lazy_mapping_counts_every_tensor_once(tmp_path):
+    """Tensors of one shape read one after another may reuse one address; the count must still hold each of them."""
+    gen = torch.Generator().manual_seed(2)
+    tensors = {f"w{i}": torch.randn(64, 64, generator=gen) for i in range(4)}
+    writer = ShardWriter(tmp_path)
+    writer.add_all(tensors)
+    writer.close()
+    lazy = LazyTensors(sorted(tmp_path.glob("model*.safetensors")), dtype=torch.float32)
+    assert parameter_count(lazy) == parameter_count(tensors) == 4 * 64 * 64
 
 def run_slice(argv: list[str], *, threads: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": str(threads)}

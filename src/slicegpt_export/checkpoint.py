@@ -59,7 +59,7 @@ import torch
 
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import ModelDefinitionError, SlicedModel, build_model
-from slicegpt_export.tensorio import DEFAULT_SHARD_BYTES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, LazyTensors, ShardWriter
+from slicegpt_export.tensorio import DEFAULT_SHARD_BYTES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, LazyMapping, LazyTensors, ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,13 @@ def size_summary(tensors: dict[str, torch.Tensor], cfg: SlicedConfig, *, dense_p
 
 
 def parameter_count(tensors: dict[str, torch.Tensor]) -> int:
-    """Number of stored parameters, counting a tensor shared under two names once (meta tensors: each once)."""
+    """Number of stored parameters, counting a tensor shared under two names once (meta tensors: each once).
+
+    A lazy mapping is counted from its headers: it reads a fresh tensor on every access and frees
+    it after, so two tensors of one shape could share an address and count once.
+    """
+    if isinstance(tensors, LazyMapping):
+        tensors = tensors.meta()
     seen: set[tuple[int, tuple[int, ...]]] = set()
     total = 0
     for t in tensors.values():
