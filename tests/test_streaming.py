@@ -132,7 +132,6 @@ def test_shard_writer_round_trip(tmp_path):
     assert torch.equal(lazy.pop("a"), tensors["a"].double()) and "a" not in lazy and len(lazy) == 4
 
 
-
 def test_a_lazy_mapping_counts_every_tensor_once(tmp_path):
     """Tensors of one shape read one after another may reuse one address; the count must still hold each of them."""
     gen = torch.Generator().manual_seed(2)
@@ -142,6 +141,7 @@ def test_a_lazy_mapping_counts_every_tensor_once(tmp_path):
     writer.close()
     lazy = LazyTensors(sorted(tmp_path.glob("model*.safetensors")), dtype=torch.float32)
     assert parameter_count(lazy) == parameter_count(tensors) == 4 * 64 * 64
+
 
 def run_slice(argv: list[str], *, threads: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": str(threads)}
