@@ -198,7 +198,7 @@ def recorded_row(path: Path) -> dict[str, Any]:
     recovery = cfg.recovery or {}
     times = {"recovery": {"wall_s": recovery["seconds"], "cpu_s": None}} if recovery else {}
     return {"slicing": f"params-{target:g}" if target else f"sparsity-{cfg.sparsity:g}", "recipe": recipe_name(cfg.calibration.get("source")),
-            "recover": recovery.get("steps", 0), "tag": "", "times": times, "recovery": recovery or None, "checkpoint": str(path)}  # fmt: skip
+            "recover": recovery.get("steps", 0), "times": times, "recovery": recovery or None, "checkpoint": str(path)}  # fmt: skip
 
 
 def run(slicings: list[str], recipes: list[str], recover_steps: list[int], options: dict[str, Any], tag: str, windows: int,
@@ -233,7 +233,7 @@ def run(slicings: list[str], recipes: list[str], recover_steps: list[int], optio
             for steps in recover_steps:
                 path, extra = (checkpoint, {}) if steps == 0 else recovered(checkpoint, steps, options, tag, device)
                 row_times = {**times, **{k: v for k, v in extra.items() if k != "record"}}
-                measure(path, {"slicing": slicing, "recipe": recipe, "recover": steps, "tag": tag if steps else "", "times": row_times,
+                measure(path, {"slicing": slicing, "recipe": recipe, "recover": steps, "times": row_times,
                                "recovery": extra.get("record")})  # fmt: skip
     return {"dense_params": dense_params, "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rows": rows,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
