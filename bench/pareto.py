@@ -1,6 +1,6 @@
 """Perplexity against stored parameters and against measured decode speed, for every slicing mode (SmolLM2, the protocol).
 
-    scripts/build_llama_cpp.sh && python bench/pareto.py [--rows paper:0.25,block-uniform:0.75,...] [--skip-speed]
+    scripts/build_llama_cpp.sh && python bench/pareto.py [--rows paper:0.25,block-uniform:0.75,...] [--skip-speed] [--rounds 3]
 
 Rows: paper-faithful slicing (`--sparsity s`: one basis per stage, uniform widths) at s = 0.1 ... 0.5,
 and each budget mode (`--target-params R`: rotation x allocation) at R = 0.9, 0.8, 0.75, 0.6.  For each
@@ -12,7 +12,9 @@ stock `llama` architecture; llama.cpp's own llama-bench, tg128, every file in on
 bindings' decode loop beside it, which adds a fixed cost per token, the same for every file), each beside its
 bound (the dense/sliced ratio of weight MACs per token).
 Also the llama.cpp perplexity of each default q8_0 file.  Perplexities are cached per row in
-bench/work (they do not depend on the machine's load); speeds are measured afresh in every run.
+bench/work (they do not depend on the machine's load); speeds are measured afresh in every run, in --rounds
+rounds (dense and every row in each), each speed-up against the dense model of its round: the table gives the
+median over the rounds and the lowest and highest.
 Writes pareto.json, pareto.md and pareto.png into --out.
 """
 
@@ -20,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, protocol_checkpoint, sliced_checkpoint, test_windows
+from common import WORK, logger, protocol_checkpoint, sliced_checkpoint, test_windows
 from gguf_in_llama_cpp import NEW_TOKENS, THREADS, decode_speed, llama_bench, stock_dense_q8_0
 from onnx_speed import PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
 
@@ -138,29 +142,66 @@ def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
     }
 
 
-def add_llama_bench(dense: dict, rows: list[dict]) -> None:
-    """llama-bench tg128 of the dense stock file and every row's q8_0 file, in one invocation (the same run)."""
+def add_llama_bench(dense: dict, rows: list[dict], *, reverse: bool = False) -> None:
+    """llama-bench tg128 of the dense stock file and every row's q8_0 file, in one invocation (the same run); `reverse`:
+    in the opposite order, so that rounds in both orders cancel a drift of the machine's speed within an invocation."""
     files = {"dense": stock_dense_q8_0(), **{r["row"]: exports(checkpoint_for(r["row"]))[1] for r in rows},
              **{f"{r['row']} f16 residual": variant_file(checkpoint_for(r["row"]), *F16_RESIDUAL) for r in rows}}  # fmt: skip
-    measured = llama_bench(files)
+    measured = llama_bench(dict(reversed(files.items())) if reverse else files)
     dense["llama_cpp_q8_0"] = measured["dense"][f"tg{NEW_TOKENS}"]["tok_s"]
     for r in rows:
         r["speed"]["llama_cpp_q8_0"] = measured[r["row"]][f"tg{NEW_TOKENS}"]["tok_s"]
         r["speed"]["llama_cpp_q8_0_f16_residual"] = measured[f"{r['row']} f16 residual"][f"tg{NEW_TOKENS}"]["tok_s"]
 
 
+def speed_round(dense_onnx: Path, prompt: list[int], rows: list[dict], *, reverse: bool) -> dict:
+    """One round of every speed: the dense model and each row (ONNX b1 and b8, the bindings), then one llama-bench
+    invocation over every file; `reverse`: in the opposite order.  Fills each row's `speed` (tokens/s) and returns
+    the dense model's."""
+    files = {"dense": (dense_onnx, stock_dense_q8_0()), **{r["row"]: exports(checkpoint_for(r["row"])) for r in rows}}
+    measured = {name: speeds(*files[name], prompt) for name in (reversed(files) if reverse else files)}
+    for r in rows:
+        r["speed"] = measured[r["row"]]
+    add_llama_bench(measured["dense"], rows, reverse=reverse)
+    return measured["dense"]
+
+
+def speed_rounds(dense_onnx: Path, prompt: list[int], rows: list[dict], rounds: int) -> dict:
+    """`rounds` rounds of speed_round, in alternating orders: each speed-up is taken against the dense model of its
+    own round, so a change in the machine's load between rounds moves both.  Sets each row's `speed_rounds`
+    (tokens/s per round) and `speedup` (median, min and max over the rounds); returns the dense tokens/s per round."""
+    dense_rounds: dict[str, list[float]] = {}
+    for n in range(rounds):
+        dense = speed_round(dense_onnx, prompt, rows, reverse=n % 2 == 1)
+        logger.info("speed round %d/%d: dense %s", n + 1, rounds, json.dumps(dense))
+        for key, value in dense.items():
+            dense_rounds.setdefault(key, []).append(value)
+        for r in rows:
+            for key, value in r.pop("speed").items():
+                r.setdefault("speed_rounds", {}).setdefault(key, []).append(value)
+    for r in rows:
+        r["speedup"] = {}
+        for key, values in r["speed_rounds"].items():
+            ratios = [v / d for v, d in zip(values, dense_rounds[DENSE_KEY.get(key, key)])]
+            r["speedup"][key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return dense_rounds
+
+
 #: the dense figure a speed is set against: the f16-residual file against the same dense q8_0 file as the default one
 DENSE_KEY = {"llama_cpp_q8_0_f16_residual": "llama_cpp_q8_0"}
 
 
-def fmt_speed(row: dict, dense: dict, key: str) -> str:
-    if key not in row.get("speed", {}):
+def fmt_speed(row: dict, key: str) -> str:
+    """Median speed-up over the rounds, its fraction of the bound, and the range when there were several rounds."""
+    if key not in row.get("speedup", {}):
         return "-"
-    ratio = row["speed"][key] / dense[DENSE_KEY.get(key, key)]
-    return f"{ratio:.2f}x ({ratio / row['bound']:.0%})"
+    s = row["speedup"][key]
+    spread = f"; {s['min']:.2f}-{s['max']:.2f}x" if s["max"] > s["min"] else ""
+    return f"{s['median']:.2f}x ({s['median'] / row['bound']:.0%}{spread})"
 
 
 def markdown(rows: list[dict], dense: dict | None) -> str:
+    """The table; `dense`: the dense model's tokens/s per round (None: no speeds)."""
     lines = [
         "| slicing | widths min/mean/max (head) | stored params | vs dense | MACs/token vs dense = bound | perplexity "
         "| llama.cpp q8_0 ppl | ONNX fp32 b1 | ONNX fp32 b8 | llama.cpp q8_0 b1 (llama-bench) | llama.cpp q8_0 b1 (bindings) "
@@ -169,7 +210,10 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
     ]
     for r in rows:
         w = r["widths"]
-        speed = [fmt_speed(r, dense, k) if dense else "-" for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0", "llama_cpp_q8_0_bindings", "llama_cpp_q8_0_f16_residual")]
+        speed = [
+            fmt_speed(r, k)
+            for k in ("onnx_b1", "onnx_b8", "llama_cpp_q8_0", "llama_cpp_q8_0_bindings", "llama_cpp_q8_0_f16_residual")
+        ]
         lines.append(
             f"| {r['row']} | {w['min']}/{w['mean']:.0f}/{w['max']} ({w['head_in']}) | {r['parameters'] / 1e6:.1f}M "
             f"| {r['parameter_fraction']:.3f} | {r['mac_fraction']:.3f} = {r['bound']:.2f}x | {r['perplexity']:.2f} "
@@ -179,14 +223,19 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
         "",
         "Stored parameters count every tensor (a tied matrix once, shortcuts and projections included) against the dense",
         "model's 134.5M; the bound is dense/sliced weight MACs per token; speed-ups are against the dense model exported",
-        "the same way and measured in the same run, with the fraction of the bound in brackets. llama.cpp files are the",
+        "the same way and measured in the same round, with the fraction of the bound in brackets: the median over the",
+        "rounds, and the lowest and highest round. llama.cpp files are the",
         f"default q8_0 export (residual path, basis: {variant_name(*default_variant())}); beside it the file with an f16",
         f"residual path ({variant_name(*F16_RESIDUAL)}: --gguf-shortcut-type f16; its perplexity: bench/residual_path.py).",
     ]
     if dense:
-        notes.append(f"Dense decode in this run: ONNX fp32 b1 {dense['onnx_b1']:.1f} tok/s, b8 {dense['onnx_b8']:.1f} tok/s; "
-                     f"llama.cpp q8_0 (stock llama) {dense['llama_cpp_q8_0']:.1f} tok/s (llama-bench tg128), "
-                     f"{dense['llama_cpp_q8_0_bindings']:.1f} tok/s (bindings).")  # fmt: skip
+
+        def rate(key: str) -> str:
+            return "/".join(f"{v:.1f}" for v in dense[key])
+
+        notes.append(f"Dense decode in {len(dense['onnx_b1'])} rounds (tok/s per round): ONNX fp32 b1 {rate('onnx_b1')}, b8 {rate('onnx_b8')}; "
+                     f"llama.cpp q8_0 (stock llama) {rate('llama_cpp_q8_0')} (llama-bench tg128), "
+                     f"{rate('llama_cpp_q8_0_bindings')} (bindings).")  # fmt: skip
     return "\n".join(lines + notes) + "\n"
 
 
@@ -203,7 +252,7 @@ def plot(rows: list[dict], dense: dict | None, path: Path) -> None:
         mine = sorted((r for r in rows if r["row"].startswith(mode + ":")), key=lambda r: r["parameter_fraction"])
         axes[0][0].plot([r["parameter_fraction"] for r in mine], [r["perplexity"] for r in mine], marker="o", label=mode)
         if dense:
-            xs = [r["speed"]["llama_cpp_q8_0"] / dense["llama_cpp_q8_0"] for r in mine]
+            xs = [r["speedup"]["llama_cpp_q8_0"]["median"] for r in mine]
             axes[0][1].plot(xs, [r["perplexity"] for r in mine], marker="o", label=mode)
     axes[0][0].set(xlabel="stored parameters / dense", ylabel="perplexity (WikiText-2 test)", title="Size")
     axes[0][0].axvline(1.0, color="gray", lw=0.5)
@@ -223,34 +272,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     parser.add_argument("--skip-speed", action="store_true", help="sizes and perplexities only")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of speed measurement (each speed-up: the median over them)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_grad_enabled(False)
 
     dense_checkpoint = sliced_checkpoint(0.0, rotate=False)
     windows = test_windows(load_tokenizer(dense_checkpoint))
     dense_macs = weight_macs_per_token(dense_checkpoint)
     prompt = windows[0, :PROMPT_LEN].tolist()
-    dense = None
-    if not args.skip_speed:
-        onnx_dir, _ = exports(dense_checkpoint)
-        session = Session(onnx_dir)
-        dense = {"onnx_b1": decode_tokens_per_second(session, 1), "onnx_b8": decode_tokens_per_second(session, 8),
-                 "llama_cpp_q8_0_bindings": decode_speed(stock_dense_q8_0(), prompt)}  # fmt: skip
-        print(json.dumps({"dense": dense}), file=sys.stderr)
     rows = []
     for row in args.rows.split(","):
         checkpoint = checkpoint_for(row)
         result = quality(row, checkpoint, windows)
         result["bound"] = dense_macs / result["macs_per_token"]
         if not args.skip_speed:
-            onnx_dir, gguf_file = exports(checkpoint)
-            result["llama_cpp_perplexity"] = llama_cpp_perplexity(gguf_file, windows)
-            result["speed"] = speeds(onnx_dir, gguf_file, prompt)
+            result["llama_cpp_perplexity"] = llama_cpp_perplexity(exports(checkpoint)[1], windows)
         rows.append(result)
         print(json.dumps(result), file=sys.stderr)
-    if dense is not None:
-        add_llama_bench(dense, rows)
+    dense = None if args.skip_speed else speed_rounds(exports(dense_checkpoint)[0], prompt, rows, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pareto.json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
     (args.out / "pareto.md").write_text(markdown(rows, dense))
