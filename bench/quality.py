@@ -176,11 +176,14 @@ def recovered(checkpoint: Path, steps: int, options: dict[str, Any], tag: str, d
 
 
 def settings_tag(record: dict[str, Any] | None) -> str:
-    """The recovery settings of a row that differ from today's defaults, e.g. " (train_shortcuts=True)"."""
+    """The recovery settings of a row that differ from today's defaults, e.g. " (train_shortcuts=True)", and its training
+    windows when they are not the checkpoint's calibration windows, e.g. " (256 windows)"."""
     from slicegpt_export.converter.recovery import RecoverySettings
 
     defaults = dataclasses.asdict(RecoverySettings(steps=1))
     changed = [f"{k}={v}" for k, v in (record or {}).items() if k in defaults and k not in ("steps", "seed") and v != defaults[k]]
+    if isinstance((record or {}).get("data"), dict):
+        changed.append(f"{record['data']['samples']} windows")
     return f" ({', '.join(changed)})" if changed else ""
 
 
