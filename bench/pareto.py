@@ -142,49 +142,45 @@ def speeds(onnx_dir: Path, gguf_file: Path, prompt: list[int]) -> dict:
     }
 
 
-def add_llama_bench(dense: dict, rows: list[dict], *, reverse: bool = False) -> None:
-    """llama-bench tg128 of the dense stock file and every row's q8_0 file, in one invocation (the same run); `reverse`:
-    in the opposite order, so that rounds in both orders cancel a drift of the machine's speed within an invocation."""
+def llama_bench_speeds(rows: list[dict], *, reverse: bool) -> dict[str, dict[str, float]]:
+    """llama-bench tg128 tokens/s of the dense stock file and every row's q8_0 files, in one invocation (the same run),
+    by name ("dense" or a row); `reverse`: in the opposite order, so that rounds in both orders cancel a drift of the
+    machine's speed within an invocation."""
     files = {"dense": stock_dense_q8_0(), **{r["row"]: exports(checkpoint_for(r["row"]))[1] for r in rows},
              **{f"{r['row']} f16 residual": variant_file(checkpoint_for(r["row"]), *F16_RESIDUAL) for r in rows}}  # fmt: skip
     measured = llama_bench(dict(reversed(files.items())) if reverse else files)
-    dense["llama_cpp_q8_0"] = measured["dense"][f"tg{NEW_TOKENS}"]["tok_s"]
-    for r in rows:
-        r["speed"]["llama_cpp_q8_0"] = measured[r["row"]][f"tg{NEW_TOKENS}"]["tok_s"]
-        r["speed"]["llama_cpp_q8_0_f16_residual"] = measured[f"{r['row']} f16 residual"][f"tg{NEW_TOKENS}"]["tok_s"]
+    tok_s = {name: m[f"tg{NEW_TOKENS}"]["tok_s"] for name, m in measured.items()}
+    return {"dense": {"llama_cpp_q8_0": tok_s["dense"]},
+            **{r["row"]: {"llama_cpp_q8_0": tok_s[r["row"]], "llama_cpp_q8_0_f16_residual": tok_s[f"{r['row']} f16 residual"]}
+               for r in rows}}  # fmt: skip
 
 
-def speed_round(dense_onnx: Path, prompt: list[int], rows: list[dict], *, reverse: bool) -> dict:
-    """One round of every speed: the dense model and each row (ONNX b1 and b8, the bindings), then one llama-bench
-    invocation over every file; `reverse`: in the opposite order.  Fills each row's `speed` (tokens/s) and returns
-    the dense model's."""
+def speed_round(dense_onnx: Path, prompt: list[int], rows: list[dict], *, reverse: bool) -> dict[str, dict[str, float]]:
+    """One round of every speed, tokens/s by name ("dense" or a row): the dense model and each row (ONNX b1 and b8,
+    the bindings), then one llama-bench invocation over every file; `reverse`: in the opposite order."""
     files = {"dense": (dense_onnx, stock_dense_q8_0()), **{r["row"]: exports(checkpoint_for(r["row"])) for r in rows}}
     measured = {name: speeds(*files[name], prompt) for name in (reversed(files) if reverse else files)}
-    for r in rows:
-        r["speed"] = measured[r["row"]]
-    add_llama_bench(measured["dense"], rows, reverse=reverse)
-    return measured["dense"]
+    for name, tok_s in llama_bench_speeds(rows, reverse=reverse).items():
+        measured[name].update(tok_s)
+    return measured
 
 
-def speed_rounds(dense_onnx: Path, prompt: list[int], rows: list[dict], rounds: int) -> dict:
+def speed_rounds(dense_onnx: Path, prompt: list[int], rows: list[dict], rounds: int) -> dict[str, list[float]]:
     """`rounds` rounds of speed_round, in alternating orders: each speed-up is taken against the dense model of its
     own round, so a change in the machine's load between rounds moves both.  Sets each row's `speed_rounds`
     (tokens/s per round) and `speedup` (median, min and max over the rounds); returns the dense tokens/s per round."""
-    dense_rounds: dict[str, list[float]] = {}
+    measured = []
     for n in range(rounds):
-        dense = speed_round(dense_onnx, prompt, rows, reverse=n % 2 == 1)
-        logger.info("speed round %d/%d: dense %s", n + 1, rounds, json.dumps(dense))
-        for key, value in dense.items():
-            dense_rounds.setdefault(key, []).append(value)
-        for r in rows:
-            for key, value in r.pop("speed").items():
-                r.setdefault("speed_rounds", {}).setdefault(key, []).append(value)
+        measured.append(speed_round(dense_onnx, prompt, rows, reverse=n % 2 == 1))
+        logger.info("speed round %d/%d: dense %s", n + 1, rounds, json.dumps(measured[-1]["dense"]))
+    per_round = {name: {key: [m[name][key] for m in measured] for key in measured[0][name]} for name in measured[0]}
     for r in rows:
+        r["speed_rounds"] = per_round[r["row"]]
         r["speedup"] = {}
         for key, values in r["speed_rounds"].items():
-            ratios = [v / d for v, d in zip(values, dense_rounds[DENSE_KEY.get(key, key)])]
+            ratios = [v / d for v, d in zip(values, per_round["dense"][DENSE_KEY.get(key, key)])]
             r["speedup"][key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-    return dense_rounds
+    return per_round["dense"]
 
 
 #: the dense figure a speed is set against: the f16-residual file against the same dense q8_0 file as the default one

@@ -180,9 +180,10 @@ def settings_tag(record: dict[str, Any] | None) -> str:
     windows when they are not the checkpoint's calibration windows, e.g. " (256 windows)"."""
     from slicegpt_export.converter.recovery import RecoverySettings
 
+    record = record or {}
     defaults = dataclasses.asdict(RecoverySettings(steps=1))
-    changed = [f"{k}={v}" for k, v in (record or {}).items() if k in defaults and k not in ("steps", "seed") and v != defaults[k]]
-    if isinstance((record or {}).get("data"), dict):
+    changed = [f"{k}={v}" for k, v in record.items() if k in defaults and k not in ("steps", "seed") and v != defaults[k]]
+    if isinstance(record.get("data"), dict):
         changed.append(f"{record['data']['samples']} windows")
     return f" ({', '.join(changed)})" if changed else ""
 

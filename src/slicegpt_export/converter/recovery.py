@@ -76,8 +76,8 @@ class RecoverySettings:
     #: the shortcut matrices train in full beside the adapters; off, since on SmolLM2 at 0.25 (150 steps) training them
     #: was worse on every measure (bench/results/quality.md), trained against frozen: mixed calibration WikiText-2
     #: 42.41 / 42.37, python-stdlib 45.19 / 37.53, held-out KL 0.883 / 0.811, top-1 68.5% / 69.2%; WikiText-2
-    #: calibration 37.13 / 37.00, 282.7 / 239.5, 1.771 / 1.678, 55.1% / 56.4%; at the 0.75 budget (WikiText-2 calibration) mixed:
-    #: 38.89 / 40.11, 214.8 / 209.7, 1.633 / 1.618, 57.7% / 57.4%
+    #: calibration 37.13 / 37.00, 282.7 / 239.5, 1.771 / 1.678, 55.1% / 56.4%; at the 0.75 budget (WikiText-2
+    #: calibration) close, frozen worse on WikiText-2 only: 38.89 / 40.11, 214.8 / 209.7, 1.633 / 1.618, 57.7% / 57.4%
     train_shortcuts: bool = False
     shortcut_lr: float = 1e-4  # their peak learning rate when trained (at the adapters' 1e-3 they diverge within steps)
     teacher_topk: int = 64  # dense distributions kept as top-k + rest, computed once; 0: full distributions on the fly
