@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import test_windows
-from pareto import checkpoint_for, default_variant, llama_cpp_perplexity, quality, variant_file, variant_name
+from gguf_in_llama_cpp import stock_dense_q8_0
+from pareto import WORK, checkpoint_for, default_variant, llama_cpp_perplexity, quality, variant_file, variant_name
 
 #: name -> (residual path type, basis)
 VARIANTS = {"f16, PCA": ("f16", "pca"), "f16, incoherent": ("f16", "incoherent"), "q8_0, PCA": ("q8_0", "pca"),
@@ -62,7 +63,21 @@ def seed_rows(row: str, checkpoint: Path, windows, seeds: list[int], names: list
     return result
 
 
-def markdown(rows: list[dict]) -> str:
+def dense_q8_0_cost(windows: torch.Tensor) -> dict[str, float]:
+    """Perplexity of the dense model (transformers, float32) and of llama.cpp's own q8_0 file of it (cached)."""
+    from slicegpt_export.sources.models import dense_model, load_source
+    from slicegpt_export.validation.fidelity import TransformersLM
+    from slicegpt_export.validation.perplexity import perplexity
+
+    cache = WORK / "llama-cpp-dense-stock" / "reference.ppl.json"
+    if not cache.is_file():
+        model = TransformersLM(dense_model(load_source(None)))
+        cache.write_text(json.dumps({"perplexity": perplexity(lambda ids: model(ids).logits, windows, progress=True)}))
+    reference = json.loads(cache.read_text())["perplexity"]
+    return {"reference": reference, "q8_0": llama_cpp_perplexity(stock_dense_q8_0(), windows)}
+
+
+def markdown(rows: list[dict], dense: dict[str, float] | None = None) -> str:
     lines = ["| slicing | reference | " + " | ".join(VARIANTS) + " | default |", "|---" * (len(VARIANTS) + 3) + "|"]
     for r in rows:
         cells = [f"{v['perplexity']:.2f} ({v['perplexity'] / r['reference'] - 1:+.2%}), {v['mib']:.1f} MiB" for v in r["variants"].values()]
@@ -72,6 +87,9 @@ def markdown(rows: list[dict]) -> str:
         "llama.cpp q8_0 perplexity on the protocol's 64 test windows (its change against the reference) and file size,",
         "for each type and basis of the residual path (shortcuts, tied projections); every other matrix is q8_0.",
     ]
+    if dense:
+        notes.append(f"The dense model in llama.cpp's own q8_0 (stock `llama`): {dense['q8_0']:.2f} against its reference "
+                     f"{dense['reference']:.2f} ({dense['q8_0'] / dense['reference'] - 1:+.2%}).")
     for r in rows:
         for name, by_seed in r.get("seeds", {}).items():
             changes = ", ".join(f"seed {k}: {v / r['reference'] - 1:+.2%}" for k, v in by_seed.items())
@@ -104,10 +122,11 @@ def main() -> None:
                 parser.error(f"--seeded: {', '.join(unknown)} draw no random signs (choose from {'; '.join(SEEDED)})")
             result["seeds"] = seed_rows(row, checkpoint, windows, [0] + [int(x) for x in args.seeds.split(",")], names)
         rows.append(result)
+    dense = dense_q8_0_cost(windows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "residual_path.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "residual_path.md").write_text(markdown(rows))
-    print(markdown(rows))
+    (args.out / "residual_path.json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
+    (args.out / "residual_path.md").write_text(markdown(rows, dense))
+    print(markdown(rows, dense))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""What llama.cpp makes of the budget model's multiply-accumulates: its q8_0 file against a stock file of the same MACs.
+
+    scripts/build_llama_cpp.sh && python bench/same_macs.py [--row block-uniform-ffn60:0.75] [--rounds 5]
+
+The MAC bound (dense/sliced weight multiply-accumulates per token) is what decode speed would gain if time went
+with MACs alone.  A stock `llama` q8_0 file with the same MACs shows what llama.cpp itself gains at that size: the
+dense SmolLM2 file (requantized by llama.cpp) with every MLP cut to its first n_ff neurons, n_ff chosen so that its
+MACs match the sliced file's (its outputs are meaningless; only its speed is read).  The difference between the
+two is what the sliced architecture costs beyond its MACs: the shortcut matrix of every block and the tied model's
+two projections, each a matrix product of its own.  Each round is one `llama-bench` invocation (tg128, 2 threads)
+over the three files, in alternating orders; each ratio is against the dense file of its round.
+Writes same_macs.json and same_macs.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORK
+from gguf_in_llama_cpp import NEW_TOKENS, llama_bench, stock_dense_q8_0
+from pareto import checkpoint_for, exports
+
+#: the tensors that hold MLP neurons, and the axis (in numpy's (rows, columns) order) that indexes them
+NEURON_AXIS = {"ffn_gate.weight": 0, "ffn_up.weight": 0, "ffn_down.weight": 1}
+
+
+def file_macs(path: Path) -> int:
+    """Weight multiply-accumulates per token of a GGUF file: every matrix once (a tied token_embd read as the head)."""
+    import gguf
+
+    return sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2)
+
+
+def neurons_for_macs(dense: Path, macs: int) -> int:
+    """The MLP width n_ff (a multiple of q8_0's 32-value block) that brings the dense file's MACs closest to `macs`."""
+    import gguf
+
+    reader = gguf.GGUFReader(dense)
+    arch = reader.fields["general.architecture"].contents()
+    n_ff, n_layer = (reader.fields[f"{arch}.{key}"].contents() for key in ("feed_forward_length", "block_count"))
+    per_neuron = sum(int(np.prod(t.shape)) for t in reader.tensors if t.name.endswith(tuple(NEURON_AXIS))) // (n_ff * n_layer)
+    cut = file_macs(dense) - macs  # MACs to remove
+    return n_ff - round(cut / (per_neuron * n_layer) / 32) * 32
+
+
+def cut_neurons(dense: Path, out: Path, n_ff: int) -> Path:
+    """A copy of the stock q8_0 file `dense` whose MLPs keep their first `n_ff` neurons (atomic; cached)."""
+    import gguf
+
+    if out.is_file():
+        return out
+    reader = gguf.GGUFReader(dense)
+    arch = reader.fields["general.architecture"].contents()
+    tmp = out.with_suffix(".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(tmp, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value = n_ff if field.name == f"{arch}.feed_forward_length" else field.contents()
+        value_type = field.types[0]
+        writer.add_key_value(field.name, value, value_type, sub_type=field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = np.asarray(t.data)  # q8_0: (rows, bytes per row), 34 bytes per 32 values
+        axis = next((a for suffix, a in NEURON_AXIS.items() if t.name.endswith(suffix)), None)
+        if axis == 0:
+            data = data[:n_ff]
+        elif axis == 1:
+            if t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+                raise ValueError(f"{t.name}: expected q8_0, got {t.tensor_type.name}")
+            data = data[:, : n_ff // 32 * 34]
+        writer.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(out)
+    return out
+
+
+def rounds_of(files: dict[str, Path], rounds: int) -> dict[str, list[float]]:
+    """tg128 tokens/s of every file per round: one llama-bench invocation each, in alternating orders."""
+    measured: dict[str, list[float]] = {name: [] for name in files}
+    for n in range(rounds):
+        order = dict(reversed(files.items())) if n % 2 else files
+        for name, m in llama_bench(order).items():
+            measured[name].append(m[f"tg{NEW_TOKENS}"]["tok_s"])
+        print(json.dumps({name: round(v[-1], 1) for name, v in measured.items()}), file=sys.stderr)
+    return measured
+
+
+def spread(ratios: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| q8_0 file | MACs/token | bound | tg128 tok/s (median) | speed-up (median; range) | of the bound |", "|---" * 6 + "|"]
+    for name, r in result["files"].items():
+        s = r["speedup"]
+        lines.append(f"| {name} | {r['macs'] / 1e6:.1f}M | {r['bound']:.2f}x | {statistics.median(r['tok_s']):.1f} | "
+                     f"{s['median']:.2f}x; {s['min']:.2f}-{s['max']:.2f}x | {s['median'] / r['bound']:.0%} |")  # fmt: skip
+    a = result["sliced_vs_stock"]
+    note = (f"{result['rounds']} rounds of `llama-bench` (tg128, 2 threads), in alternating orders; each speed-up against the "
+            "dense file of its round.  The stock file is the dense one with every MLP cut to its first "
+            f"{result['n_ff']} neurons, the same MACs as the sliced file: llama.cpp's own speed at that size.  The sliced "
+            f"file against it, round by round: {a['median']:.2f}x (median; {a['min']:.2f}-{a['max']:.2f}x).")  # fmt: skip
+    lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--row", default="block-uniform-ffn60:0.75", help="pareto.py's name of the sliced checkpoint")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    dense = stock_dense_q8_0()
+    sliced = exports(checkpoint_for(args.row))[1]
+    n_ff = neurons_for_macs(dense, file_macs(sliced))
+    stock = cut_neurons(dense, WORK / f"llama-cpp-stock-ffn{n_ff}" / "model-q8_0.gguf", n_ff)
+    files = {"dense (stock `llama`)": dense, f"stock `llama`, MLPs cut to {n_ff} neurons": stock, f"{args.row} (sliced, default q8_0)": sliced}
+    tok_s = rounds_of(files, args.rounds)
+    dense_macs = file_macs(dense)
+    names = list(files)  # dense, stock, sliced
+    result = {"row": args.row, "rounds": args.rounds, "n_ff": n_ff, "files": {},
+              "sliced_vs_stock": spread([v / s for v, s in zip(tok_s[names[2]], tok_s[names[1]])])}  # fmt: skip
+    for name, path in files.items():
+        macs = file_macs(path)
+        result["files"][name] = {"macs": macs, "bound": dense_macs / macs, "tok_s": tok_s[name],
+                                 "speedup": spread([v / d for v, d in zip(tok_s[name], tok_s[names[0]])])}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "same_macs.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "same_macs.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
