@@ -65,13 +65,13 @@ def seed_rows(row: str, checkpoint: Path, windows, seeds: list[int], names: list
 
 def dense_q8_0_cost(windows: torch.Tensor) -> dict[str, float]:
     """Perplexity of the dense model (transformers, float32) and of llama.cpp's own q8_0 file of it (cached)."""
-    from slicegpt_export.sources.models import dense_model, load_source
-    from slicegpt_export.validation.fidelity import TransformersLM
+    from quality import dense_reference
+
     from slicegpt_export.validation.perplexity import perplexity
 
     cache = WORK / "llama-cpp-dense-stock" / "reference.ppl.json"
     if not cache.is_file():
-        model = TransformersLM(dense_model(load_source(None)))
+        model = dense_reference(torch.device("cpu"))[0]
         cache.write_text(json.dumps({"perplexity": perplexity(lambda ids: model(ids).logits, windows, progress=True)}))
     reference = json.loads(cache.read_text())["perplexity"]
     return {"reference": reference, "q8_0": llama_cpp_perplexity(stock_dense_q8_0(), windows)}

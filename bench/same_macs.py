@@ -38,15 +38,14 @@ def file_macs(path: Path) -> int:
     return sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2)
 
 
-def neurons_for_macs(dense: Path, macs: int) -> int:
-    """The MLP width n_ff (a multiple of q8_0's 32-value block) that brings the dense file's MACs closest to `macs`."""
+def neurons_for_macs(dense: Path, cut: int) -> int:
+    """The MLP width n_ff (a multiple of q8_0's 32-value block) that takes the dense file's MACs closest to `cut` fewer."""
     import gguf
 
     reader = gguf.GGUFReader(dense)
     arch = reader.fields["general.architecture"].contents()
     n_ff, n_layer = (reader.fields[f"{arch}.{key}"].contents() for key in ("feed_forward_length", "block_count"))
     per_neuron = sum(int(np.prod(t.shape)) for t in reader.tensors if t.name.endswith(tuple(NEURON_AXIS))) // (n_ff * n_layer)
-    cut = file_macs(dense) - macs  # MACs to remove
     return n_ff - round(cut / (per_neuron * n_layer) / 32) * 32
 
 
@@ -121,20 +120,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
-    dense = stock_dense_q8_0()
-    sliced = exports(checkpoint_for(args.row))[1]
-    n_ff = neurons_for_macs(dense, file_macs(sliced))
+    dense, sliced = stock_dense_q8_0(), exports(checkpoint_for(args.row))[1]
+    macs = {dense: file_macs(dense), sliced: file_macs(sliced)}
+    n_ff = neurons_for_macs(dense, macs[dense] - macs[sliced])
     stock = cut_neurons(dense, WORK / f"llama-cpp-stock-ffn{n_ff}" / "model-q8_0.gguf", n_ff)
-    files = {"dense (stock `llama`)": dense, f"stock `llama`, MLPs cut to {n_ff} neurons": stock, f"{args.row} (sliced, default q8_0)": sliced}
+    macs[stock] = file_macs(stock)
+    dense_name, stock_name, sliced_name = "dense (stock `llama`)", f"stock `llama`, MLPs cut to {n_ff} neurons", f"{args.row} (sliced, default q8_0)"
+    files = {dense_name: dense, stock_name: stock, sliced_name: sliced}
     tok_s = rounds_of(files, args.rounds)
-    dense_macs = file_macs(dense)
-    names = list(files)  # dense, stock, sliced
     result = {"row": args.row, "rounds": args.rounds, "n_ff": n_ff, "files": {},
-              "sliced_vs_stock": spread([v / s for v, s in zip(tok_s[names[2]], tok_s[names[1]])])}  # fmt: skip
+              "sliced_vs_stock": spread([v / s for v, s in zip(tok_s[sliced_name], tok_s[stock_name])])}  # fmt: skip
     for name, path in files.items():
-        macs = file_macs(path)
-        result["files"][name] = {"macs": macs, "bound": dense_macs / macs, "tok_s": tok_s[name],
-                                 "speedup": spread([v / d for v, d in zip(tok_s[name], tok_s[names[0]])])}  # fmt: skip
+        result["files"][name] = {"macs": macs[path], "bound": macs[dense] / macs[path], "tok_s": tok_s[name],
+                                 "speedup": spread([v / d for v, d in zip(tok_s[name], tok_s[dense_name])])}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "same_macs.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "same_macs.md").write_text(markdown(result))
