@@ -105,14 +105,16 @@ def exports(checkpoint: Path) -> tuple[Path, Path]:
     return onnx_dir, variant_file(checkpoint, *default_variant())
 
 
-def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = "") -> Path:
-    """The q8_0 GGUF file with the residual path (shortcuts, tied projections) in `residual_type`, in `basis` (cached)."""
+def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = "", rounding: str = "least-squares") -> Path:
+    """The q8_0 GGUF file with the residual path (shortcuts, tied projections) in `residual_type`, in `basis`, its blocks
+    rounded as `rounding` says (exporters/quantize.py; cached)."""
     from slicegpt_export.exporters.gguf import export_gguf
 
-    out = WORK / f"{checkpoint.name}-q8_0-residual-{residual_type}-{basis}{tag}"
+    out = WORK / f"{checkpoint.name}-q8_0-residual-{residual_type}-{basis}-{rounding}{tag}"
     path = out / "model-q8_0.gguf"
     if not path.is_file():
-        export_gguf(checkpoint=checkpoint, out=out, gguf_type="q8_0", shortcut_type=residual_type, basis=basis, overwrite=True)
+        options = {"shortcut_type": residual_type, "basis": basis, "rounding": rounding}
+        export_gguf(checkpoint=checkpoint, out=out, gguf_type="q8_0", overwrite=True, **options)
     return path
 
 

@@ -5,7 +5,8 @@
 The residual path is the shortcut matrices and a tied model's embedding and head projections (they act
 on the raw residual stream).  For each row (pareto.py's names) the q8_0 file is written five ways:
 residual path f16 or q8_0, residual signals in the PCA basis or the incoherent one, and a q8_0 residual
-path in the aligned basis with its shortcuts stored as corrections S - J (exporters/padding.py); llama.cpp's
+path in the aligned basis with its shortcuts stored as corrections S - J (exporters/padding.py), every block
+rounded as llama-quantize rounds it (what the exporter's default rounding changes: gguf_rounding.py); llama.cpp's
 perplexity on the protocol's 64 test windows is set against the reference's.  Also the file size.  With
 --seeds, the variants that draw random signs again with other signs (padding.INCOHERENCE_SEED), to show how
 much the cost depends on the basis.  Perplexities are cached
@@ -31,6 +32,9 @@ from pareto import WORK, checkpoint_for, default_variant, llama_cpp_perplexity, 
 #: name -> (residual path type, basis)
 VARIANTS = {"f16, PCA": ("f16", "pca"), "f16, incoherent": ("f16", "incoherent"), "q8_0, PCA": ("q8_0", "pca"),
             "q8_0, incoherent": ("q8_0", "incoherent"), "q8_0, aligned": ("q8_0", "aligned")}  # fmt: skip
+#: every variant's blocks rounded as llama-quantize rounds them (ggml's nearest rounding), so that the table shows the
+#: residual path alone; what the exporter's default least-squares rounding changes: gguf_rounding.py
+ROUNDING = "nearest"
 #: the variants whose basis draws random signs, measured again with other signs by --seeds
 SEEDED = ("f16, incoherent", "q8_0, incoherent", "q8_0, aligned")
 
@@ -57,7 +61,7 @@ def seed_rows(row: str, checkpoint: Path, windows, seeds: list[int], names: list
         residual_type, basis = VARIANTS[name]
         for seed in seeds:
             with incoherence_seed(seed):
-                path = variant_file(checkpoint, residual_type, basis, tag=f"-seed{seed}" if seed else "")
+                path = variant_file(checkpoint, residual_type, basis, tag=f"-seed{seed}" if seed else "", rounding=ROUNDING)
             result.setdefault(name, {})[seed] = llama_cpp_perplexity(path, windows)
             print(json.dumps({row: {name: result[name]}}), file=sys.stderr)
     return result
@@ -86,6 +90,8 @@ def markdown(rows: list[dict], dense: dict[str, float] | None = None) -> str:
         "",
         "llama.cpp q8_0 perplexity on the protocol's 64 test windows (its change against the reference) and file size,",
         "for each type and basis of the residual path (shortcuts, tied projections); every other matrix is q8_0.",
+        "Every block is rounded as llama-quantize rounds it (ggml's nearest rounding); the exporter's default rounds",
+        "with a least-squares scale per block (gguf_rounding.md).",
     ]
     if dense:
         notes.append(f"The dense model in llama.cpp's own q8_0 (stock `llama`): {dense['q8_0']:.2f} against its reference "
@@ -113,7 +119,7 @@ def main() -> None:
         windows = test_windows(load_tokenizer(checkpoint))
         result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": variant_name(*default_variant()), "variants": {}}
         for name, (residual_type, basis) in VARIANTS.items():
-            path = variant_file(checkpoint, residual_type, basis)
+            path = variant_file(checkpoint, residual_type, basis, rounding=ROUNDING)
             result["variants"][name] = {"perplexity": llama_cpp_perplexity(path, windows), "mib": path.stat().st_size / 2**20}
             print(json.dumps({row: {name: result["variants"][name]}}), file=sys.stderr)
         if args.seeds:

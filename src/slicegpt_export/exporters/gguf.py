@@ -1,6 +1,7 @@
 """GGUF exporter: a sliced checkpoint as a GGUF file of architecture `slicegpt` (docs/gguf-slicegpt.md).
 
-Written with gguf-py's GGUFWriter; tensor types through gguf-py's quantizers.  The tokenizer
+Written with gguf-py's GGUFWriter; block types rounded with a least-squares scale per block
+(exporters/quantize.py), others through gguf-py's converters.  The tokenizer
 is embedded: a GGUF source's ``tokenizer.*`` keys verbatim (kept in the checkpoint's
 gguf_metadata.json), otherwise derived from the checkpoint's Hugging Face tokenizer.json.
 """
@@ -24,7 +25,7 @@ from slicegpt_export import gguf_spec as spec
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import GGUF_METADATA_NAME, SlicedConfig, is_shortcut, lazy_tensors, parameter_count, read_config
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters import padding
+from slicegpt_export.exporters import padding, quantize
 from slicegpt_export.exporters.padding import ResidualTensors, pad_residual_widths
 from slicegpt_export.modeling import (
     longrope_original_context,
@@ -285,15 +286,17 @@ def planned_type(name: str, shape: tuple[int, ...], qtype: Q, residual_qtype: Q 
     return qtype
 
 
-def tensor_data(name: str, tensor: torch.Tensor, qtype: Q, residual_qtype: Q | None = None) -> tuple[np.ndarray, Q]:
-    """The array to store and its type (planned_type)."""
+def tensor_data(
+    name: str, tensor: torch.Tensor, qtype: Q, residual_qtype: Q | None = None, rounding: str = "least-squares"
+) -> tuple[np.ndarray, Q]:
+    """The array to store and its type (planned_type); block types rounded as `rounding` says (exporters/quantize.py)."""
     array = tensor.detach().float().cpu().numpy()
     stored = planned_type(name, array.shape, qtype, residual_qtype)
     if stored == Q.F32:
         return array.astype(np.float32), Q.F32
     if stored == Q.F16:
         return array.astype(np.float16), Q.F16
-    return gguf.quants.quantize(array, stored), stored
+    return quantize.quantize(array, stored, rounding), stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +347,14 @@ def rope_tensors(cfg: SlicedConfig) -> dict[str, torch.Tensor]:
 
 
 def export_gguf(
-    *, checkpoint: Path, out: Path, gguf_type: str = "f16", shortcut_type: str = "auto", basis: str = "auto", overwrite: bool = False
+    *,
+    checkpoint: Path,
+    out: Path,
+    gguf_type: str = "f16",
+    shortcut_type: str = "auto",
+    basis: str = "auto",
+    rounding: str = "least-squares",
+    overwrite: bool = False,
 ) -> Path:
     """Write `out`/model-<type>.gguf from a sliced checkpoint folder; returns the file's path.
 
@@ -354,10 +364,13 @@ def export_gguf(
     version 4; in any file type, which tests the readers exactly).  The incoherent basis is no safe default with an
     f16 residual path: SmolLM2 at 0.25 measured +0.26% against the PCA basis' +0.29% on one slicing, but +0.63%
     (47.234 against 46.936) on a fresh slicing of the same model; q4_0 lost more in it (87.2 against 76.8 on 16
-    windows).  bench/residual_path.py measures each combination in q8_0.
+    windows).  bench/residual_path.py measures each combination in q8_0.  `rounding` of q8_0/q4_0 blocks:
+    "least-squares" (exporters/quantize.py) or "nearest", ggml's reference rounding as llama-quantize does it.
     """
     if basis not in BASES:
         raise SliceGPTError(f"unknown basis {basis!r} (choose from {', '.join(BASES)})")
+    if rounding not in quantize.ROUNDINGS:
+        raise SliceGPTError(f"unknown rounding {rounding!r} (choose from {', '.join(quantize.ROUNDINGS)})")
     for kind in (gguf_type, *(() if shortcut_type == "auto" else (shortcut_type,))):
         if kind not in GGUF_TYPES:
             raise SliceGPTError(f"unknown GGUF type {kind!r} (choose from {', '.join(GGUF_TYPES)})")
@@ -395,7 +408,8 @@ def export_gguf(
                 t = padded.shortcut_delta(p.source)  # (d_in', d_out'): S' - P_in J
             else:
                 t = extra[p.name] if p.source is None else padded[p.source]
-            data, stored = tensor_data(p.name, t.T if p.source is not None and spec.is_right_multiplied(p.source) else t, qtype, residual_qtype)
+            t = t.T if p.source is not None and spec.is_right_multiplied(p.source) else t
+            data, stored = tensor_data(p.name, t, qtype, residual_qtype, rounding)
             if stored != p.qtype or data.nbytes != p.info()[2]:
                 raise SliceGPTError(f"{p.name}: planned as {p.qtype.name}, made as {stored.name} ({data.nbytes} bytes)")
             w.write_tensor_data(data)
