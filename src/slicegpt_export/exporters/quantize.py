@@ -13,9 +13,10 @@ f16, rounds L again for that stored d, and keeps the candidate with the least sq
 Slightly smaller steps that clip the extreme a little pay for themselves on the other 31 weights,
 and the integers fit the stored scale.  The file format is unchanged: any GGUF reader reads these
 blocks as it reads llama.cpp's own.  SmolLM2's sliced matrices round with 14% (q8_0) and 10% (q4_0)
-less squared error than in the reference rounding; its q8_0 files in llama.cpp sit 6-8% closer to
-their reference in KL on average over three draws of the aligned basis, while their perplexity moves
-by a few tenths of a percent either way with the draw (bench/results/gguf_rounding.md).
+less squared error than in the reference rounding; its sliced q8_0 files in llama.cpp sit 6-8% closer
+to their reference in KL on average over three draws of the aligned basis (the unsliced model's: no
+change), while perplexity moves by a few tenths of a percent either way with the draw
+(bench/results/gguf_rounding.md).
 """
 
 from __future__ import annotations
