@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -55,3 +56,15 @@ def test_windows(tokenizer) -> torch.Tensor:
     from slicegpt_export.sources.text import text_windows
 
     return text_windows(DATA / "test.txt", tokenizer, seqlen=512, windows=64)
+
+
+def write_results(out: Path, name: str, data: object, table: str) -> None:
+    """`out`/<name>.json (`data`) and `out`/<name>.md (`table`), each written to a temporary name and renamed into
+    place, then the table printed."""
+    from slicegpt_export.atomic import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out / f"{name}.json", json.dumps(data, indent=2) + "\n"), (out / f"{name}.md", table)):
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
+    print(table)

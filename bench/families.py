@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -128,10 +128,7 @@ def main() -> None:
         rows = [agreement(f, Path(tmp)) for f in FAMILIES]
     parameters = [stored_parameters(n, s, rotation) for n, s in GEMMA_SHAPES.items() for rotation in ("stage", "block")]
     result = {"agreement": rows, "parameters": parameters}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "families.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "families.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "families", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, WORK, sliced_checkpoint, test_windows
+from common import DATA, WORK, sliced_checkpoint, test_windows, write_results
 from onnx_speed import weight_macs_per_token
 
 PROMPT_TOKENS = 128
@@ -152,10 +152,7 @@ def main() -> None:
                         f"sliced {tag} q8_0, q8_0 shortcuts": files["q8_0, q8_0 shortcuts"]}  # fmt: skip
     result["llama_perplexity"] = {name: llama_perplexity(path) for name, path in perplexity_files.items()}
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"llama_cpp-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"llama_cpp-{tag}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, f"llama_cpp-{tag}", result, markdown(result))
 
 
 def markdown(r: dict) -> str:

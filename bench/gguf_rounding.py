@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import sliced_checkpoint, test_windows
+from common import sliced_checkpoint, test_windows, write_results
 from gguf_in_llama_cpp import stock_dense_q8_0
 from pareto import THREADS, checkpoint_for, default_variant, quality, variant_file
 from residual_path import incoherence_seed
@@ -145,10 +145,7 @@ def main() -> None:
                 print(json.dumps({row: {seed: result["seeds"][seed]}}), file=sys.stderr)
         result["weight_error_ratio"] = weight_error_ratio(checkpoint)
         rows.append(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gguf_rounding.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "gguf_rounding.md").write_text(markdown(rows))
-    print(markdown(rows))
+    write_results(args.out, "gguf_rounding", rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, hf_folder, sliced_checkpoint
+from common import WORK, hf_folder, sliced_checkpoint, write_results
 
 PREFILL_LEN, PROMPT_LEN, NEW_TOKENS = 512, 32, 128
 
@@ -131,10 +131,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     # the builder's graph computes the same weight MACs per token as our unrotated dense graph
     rows.append({"name": "genai builder dense", "macs": weight_macs_per_token(dense_checkpoint), **measure(builder_dir)})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "onnx_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "onnx_speed.md").write_text(markdown(rows))
-    print(markdown(rows))
+    write_results(args.out, "onnx_speed", rows, markdown(rows))
 
 
 if __name__ == "__main__":

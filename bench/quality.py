@@ -36,7 +36,7 @@ import torch
 from slicegpt_export.sources.generation import CACHE_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, REPO, WORK  # noqa: E402
+from common import DATA, REPO, WORK, write_results  # noqa: E402
 
 QUALITY_WORK = WORK / "quality"
 CACHE = WORK / "cache"
@@ -295,10 +295,7 @@ def main() -> None:
     result = run(args.slicing.split(","), args.recipes.split(","), [int(s) for s in args.recover.split(",")],
                  json.loads(args.recover_options), args.tag, args.windows, args.device, args.ood,
                  [Path(p) for p in args.checkpoints.split(",") if p])  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, args.name, result, markdown(result))
 
 
 if __name__ == "__main__":

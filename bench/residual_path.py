@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import test_windows
+from common import test_windows, write_results
 from gguf_in_llama_cpp import stock_dense_q8_0
 from pareto import WORK, checkpoint_for, default_variant, llama_cpp_perplexity, quality, variant_file, variant_name
 
@@ -129,10 +129,7 @@ def main() -> None:
             result["seeds"] = seed_rows(row, checkpoint, windows, [0] + [int(x) for x in args.seeds.split(",")], names)
         rows.append(result)
     dense = dense_q8_0_cost(windows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "residual_path.json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
-    (args.out / "residual_path.md").write_text(markdown(rows, dense))
-    print(markdown(rows, dense))
+    write_results(args.out, "residual_path", {"dense": dense, "rows": rows}, markdown(rows, dense))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK
+from common import WORK, write_results
 from gguf_in_llama_cpp import NEW_TOKENS, llama_bench, stock_dense_q8_0
 from pareto import checkpoint_for, exports
 
@@ -133,10 +133,7 @@ def main() -> None:
     for name, path in files.items():
         result["files"][name] = {"macs": macs[path], "bound": macs[dense] / macs[path], "tok_s": tok_s[name],
                                  "speedup": spread([v / d for v, d in zip(tok_s[name], tok_s[dense_name])])}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "same_macs.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "same_macs.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "same_macs", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, REPO, WORK
+from common import DATA, REPO, WORK, write_results
 
 sys.path.insert(0, str(REPO / "tests"))
 logger = logging.getLogger("bench.scale")
@@ -170,9 +170,7 @@ def main() -> None:
         result["slopes"] = {s: (b["steps"][s]["peak_rss_mib"] - a["steps"][s]["peak_rss_mib"]) / disk for s in a["steps"]}
     name = "scale" if args.preset == "depth" else f"scale-{args.preset}"
     out = REPO / "bench" / "results"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, name, result, markdown(result))
 
 
 if __name__ == "__main__":

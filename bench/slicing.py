@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -109,10 +110,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     done = subprocess.run([sys.executable, __file__, "--dense-forward"], check=True, capture_output=True, text=True)
     dense = json.loads(done.stdout)["seconds"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "slicing.json").write_text(json.dumps({"dense_forward_seconds": dense, "runs": rows}, indent=2) + "\n")
-    (args.out / "slicing.md").write_text(markdown(rows, dense))
-    print(markdown(rows, dense))
+    write_results(args.out, "slicing", {"dense_forward_seconds": dense, "runs": rows}, markdown(rows, dense))
 
 
 if __name__ == "__main__":
