@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import write_results
+from common import REPO, write_results
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 FAMILIES = ("qwen3", "smollm3", "phi3", "gemma2", "gemma3_text")

@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_results
+from common import DATA, REPO, write_results
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 logger = logging.getLogger("bench.slicing")
 
 
