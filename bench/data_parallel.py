@@ -12,7 +12,6 @@ slower).  Results: bench/results/data-parallel.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, REPO, WORK
+from common import DATA, REPO, WORK, write_results
 
 logger = logging.getLogger("bench.data_parallel")
 SLICE = ["slice", "--sparsity", "0.25", "--calib", str(DATA / "valid.txt"), "--calib-samples", "64", "--calib-seqlen", "512",
@@ -88,10 +87,7 @@ def main() -> None:
     lines += ["", "| checkpoint | WikiText-2 test perplexity (64 x 512) |", "| --- | ---: |"] + [f"| {k} | {v:.4f} |" for k, v in ppl.items()]
     lines += ["", "Largest relative difference between the 1- and 2-process checkpoints: "
               + ("0 (every tensor the same bits)." if worst == 0 else f"{worst:.2e} (`{name}`).")]
-    out = REPO / "bench" / "results"
-    (out / "data-parallel.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "data-parallel.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(REPO / "bench" / "results", "data-parallel", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, sliced_checkpoint, test_windows
+from common import WORK, sliced_checkpoint, test_windows, write_results
 
 
 def main() -> None:
@@ -68,10 +68,7 @@ def main() -> None:
         lines.append(f"| {r['artifact']} | {r['perplexity']:.3f} | {r['perplexity'] / reference - 1:+.3%} | {size} |")
     table = "\n".join(lines) + (f"\n\nSmolLM2-135M-Instruct sliced at {args.sparsity:g} (--round-to {args.round_to}); "
                                  "README measurement protocol (64 x 512 test tokens).\n")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"export_quality-{report_tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / f"export_quality-{report_tag}.md").write_text(table)
-    print(table)
+    write_results(args.out, f"export_quality-{report_tag}", rows, table)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, logger, protocol_checkpoint, sliced_checkpoint, test_windows
+from common import WORK, logger, protocol_checkpoint, sliced_checkpoint, test_windows, write_results
 from gguf_in_llama_cpp import NEW_TOKENS, THREADS, decode_speed, llama_bench, stock_dense_q8_0
 from onnx_speed import PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
 
@@ -292,11 +292,8 @@ def main() -> None:
         rows.append(result)
         print(json.dumps(result), file=sys.stderr)
     dense = None if args.skip_speed else speed_rounds(exports(dense_checkpoint)[0], prompt, rows, args.rounds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pareto.json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2) + "\n")
-    (args.out / "pareto.md").write_text(markdown(rows, dense))
+    write_results(args.out, "pareto", {"dense": dense, "rows": rows}, markdown(rows, dense))
     plot(rows, dense, args.out / "pareto.png")
-    print(markdown(rows, dense))
 
 
 if __name__ == "__main__":
