@@ -261,7 +261,10 @@ def plot(rows: list[dict], dense: dict | None, path: Path) -> None:
         ax.set_yscale("log")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from slicegpt_export.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def main() -> None:
