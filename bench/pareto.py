@@ -48,6 +48,8 @@ BUDGET_MODES = {
     "block-uniform-ffn60": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.6},
     "block-uniform-ffn50": {"rotation": "block", "allocation": "uniform", "ffn_keep": 0.5},
     "block-sensitivity-ffn80": {"rotation": "block", "allocation": "sensitivity", "ffn_keep": 0.8},
+    # MLP neurons only, as many as fit at full width: no PCA, no shortcut
+    "mlp-only": {"rotation": "none", "allocation": "uniform"},
 }
 TARGETS = [0.9, 0.8, 0.75, 0.6]
 DEFAULT_ROWS = [f"paper:{s:g}" for s in PAPER] + [f"{m}:{r:g}" for m in BUDGET_MODES for r in TARGETS]
@@ -102,7 +104,7 @@ def exports(checkpoint: Path) -> tuple[Path, Path]:
     onnx_dir = checkpoint.with_name(checkpoint.name + "-onnx")
     if not (onnx_dir / "model.onnx").is_file():
         export_onnx(checkpoint=checkpoint, out=onnx_dir, overwrite=True)
-    return onnx_dir, variant_file(checkpoint, *default_variant())
+    return onnx_dir, variant_file(checkpoint, *default_variant(checkpoint))
 
 
 def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = "", rounding: str = "least-squares") -> Path:
@@ -118,13 +120,16 @@ def variant_file(checkpoint: Path, residual_type: str, basis: str, tag: str = ""
     return path
 
 
-def default_variant() -> tuple[str, str]:
-    """(residual path type, basis) that export_gguf's defaults write in q8_0 (its own rules for both)."""
+def default_variant(checkpoint: Path | None = None) -> tuple[str, str]:
+    """(residual path type, basis) that export_gguf's defaults write in q8_0 for `checkpoint` (its own rules for both;
+    no checkpoint: a rotated one)."""
+    from slicegpt_export.checkpoint import read_config
     from slicegpt_export.exporters.gguf import GGUF_TYPES, file_basis, residual_path_type
 
     q8 = GGUF_TYPES["q8_0"][0]
     residual = residual_path_type("auto", q8)
-    return ("f16" if residual is None else residual.name.lower()), file_basis(q8, residual, "auto")
+    rotated = checkpoint is None or read_config(checkpoint)[0].slicing.get("rotation") != "none"
+    return ("f16" if residual is None else residual.name.lower()), file_basis(q8, residual, "auto", rotated=rotated)
 
 
 def variant_name(residual_type: str, basis: str) -> str:
@@ -223,7 +228,7 @@ def markdown(rows: list[dict], dense: dict | None) -> str:
         "model's 134.5M; the bound is dense/sliced weight MACs per token; speed-ups are against the dense model exported",
         "the same way and measured in the same round, with the fraction of the bound in brackets: the median over the",
         "rounds, and the lowest and highest round. llama.cpp files are the",
-        f"default q8_0 export (residual path, basis: {variant_name(*default_variant())}); beside it the file with an f16",
+        f"default q8_0 export (residual path, basis: {variant_name(*default_variant())}; unrotated rows: their own basis); beside it the file with an f16",
         f"residual path ({variant_name(*F16_RESIDUAL)}: --gguf-shortcut-type f16; its perplexity: bench/residual_path.py).",
     ]
     if dense:

@@ -49,7 +49,8 @@ RECIPES: dict[str, str | list[str]] = {
 #: slicing settings: name -> slice_checkpoint options (the paper's sparsity; a stored-parameter budget)
 SLICINGS: dict[str, dict[str, Any]] = {
     "sparsity-0.25": {"sparsity": 0.25},
-    "params-0.75": {"target_params": 0.75},
+    "params-0.75": {"target_params": 0.75},  # the budget default: MLP neurons only (rotation none)
+    "params-0.75-block": {"target_params": 0.75, "rotation": "block"},  # one shortcut per block, the default until 2026-11-27
 }
 EVAL_WINDOWS = 64
 OOD_TEXT = "python-stdlib"  # the built-in out-of-domain text (a file holding the same text gives the same numbers)
@@ -201,7 +202,8 @@ def recorded_row(path: Path) -> dict[str, Any]:
     target = cfg.slicing.get("target_params")
     recovery = cfg.recovery or {}
     times = {"recovery": {"wall_s": recovery["seconds"], "cpu_s": None}} if recovery else {}
-    return {"slicing": f"params-{target:g}" if target else f"sparsity-{cfg.sparsity:g}", "recipe": recipe_name(cfg.calibration.get("source")),
+    block = "-block" if cfg.slicing.get("rotation") == "block" else ""
+    return {"slicing": f"params-{target:g}{block}" if target else f"sparsity-{cfg.sparsity:g}", "recipe": recipe_name(cfg.calibration.get("source")),
             "recover": recovery.get("steps", 0), "times": times, "recovery": recovery or None, "checkpoint": str(path)}  # fmt: skip
 
 

@@ -117,7 +117,7 @@ def main() -> None:
     for row in args.rows.split(","):
         checkpoint = checkpoint_for(row)
         windows = test_windows(load_tokenizer(checkpoint))
-        result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": variant_name(*default_variant()), "variants": {}}
+        result = {"row": row, "reference": quality(row, checkpoint, windows)["perplexity"], "default": variant_name(*default_variant(checkpoint)), "variants": {}}
         for name, (residual_type, basis) in VARIANTS.items():
             path = variant_file(checkpoint, residual_type, basis, rounding=ROUNDING)
             result["variants"][name] = {"perplexity": llama_cpp_perplexity(path, windows), "mib": path.stat().st_size / 2**20}

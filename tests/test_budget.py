@@ -8,8 +8,8 @@ from oracle import oracle_logits
 from test_families import calibration, prompt, source_of
 from tiny import TINY_CONFIGS, byte_tokenizer, tiny_hf_model
 
-from slicegpt_export.checkpoint import build_checked, parameter_count, weight_macs_per_token
-from slicegpt_export.converter.budget import discarded_fraction, layer_widths, plan_cost, spectrum_plan
+from slicegpt_export.checkpoint import LayerWidths, build_checked, parameter_count, weight_macs_per_token
+from slicegpt_export.converter.budget import discarded_fraction, kept_count, layer_widths, plan_cost, spectrum_plan
 from slicegpt_export.converter.convert import fused_model, slice_fused, slice_source
 from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.exporters.padding import pad_residual_widths
@@ -20,6 +20,8 @@ FAMILIES = list(TINY_CONFIGS)
 def plan_of(cfg) -> list[int]:
     """The per-signal widths a sliced config records (inverse of budget.layer_widths)."""
     rotation = cfg.slicing["rotation"]
+    if rotation == "none":
+        return [cfg.embedding_width]
     if rotation == "global":
         return [cfg.embedding_width, cfg.head_in]
     widths = [cfg.embedding_width]
@@ -63,14 +65,43 @@ def test_block_rotation_is_exact_and_stores_one_shortcut_per_block(family):
             assert f"layers.{i}.attn_shortcut" in tensors
 
 
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2", "phi"])
+def test_mlp_only_budget_keeps_every_width_and_as_many_neurons_as_fit(family):
+    hf = tiny_hf_model(family)
+    model, cfg, _ = fused_model(source_of(hf))
+    target = 0.85
+    slice_fused(model, cfg, calibration(), target_params=target, rotation="none")
+    tensors = model.named_weights()
+    dense, D, n = cfg.size["dense_parameters"], cfg.hidden_size, cfg.num_layers
+    kept = cfg.layers[0].intermediate
+    assert all(w == LayerWidths(D, D, D, D, kept) for w in cfg.layers) and kept % 32 == 0
+    assert not [name for name in tensors if name.endswith("_shortcut")]
+    cost = plan_cost(cfg, [D], "none", [kept] * n)
+    assert cost.parameters == parameter_count(tensors) <= target * dense
+    assert cost.macs == weight_macs_per_token(tensors, tied_embeddings=cfg.tied_embeddings)
+    # 32 more neurons per block would overshoot: the most that fit
+    assert plan_cost(cfg, [D], "none", [kept + 32] * n).parameters > target * dense
+
+
+def test_mlp_only_budget_refuses_what_the_mlps_cannot_meet_and_any_narrowing():
+    hf = tiny_hf_model("llama")
+    for options, message in (({"target_params": 0.5}, "MLP neurons alone cannot fit"), ({"sparsity": 0.25}, "keeps every residual width"),
+                             ({"target_params": 0.9, "allocation": "spectrum"}, "nothing to allocate")):  # fmt: skip
+        model, cfg, _ = fused_model(source_of(hf))
+        with pytest.raises(SliceGPTError, match=message):
+            slice_fused(model, cfg, calibration(), rotation="none", **options)
+
+
+@pytest.mark.parametrize(("rotation", "slice_head"), [("global", True), ("none", False)])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_global_rotation_is_exact_and_stores_no_shortcut(family):
+def test_global_rotation_and_none_are_exact_and_store_no_shortcut(family, rotation, slice_head):
     hf = tiny_hf_model(family, dtype=torch.float64)
     ids = prompt()
     expected = oracle_logits(hf.state_dict(), hf.config.to_dict(), ids)
-    model, cfg = slice_source(source_of(hf), calibration(), sparsity=0.0, rotation="global", slice_head=True)
+    model, cfg = slice_source(source_of(hf), calibration(), sparsity=0.0, rotation=rotation, slice_head=slice_head)
     assert (model(ids).logits - expected).abs().max().item() <= 1e-9
     assert not [n for n in model.named_weights() if n.endswith("_shortcut")]
+    assert cfg.embedding_width == cfg.head_in == cfg.hidden_size
 
 
 def test_tied_source_stays_tied_and_exact_at_sparsity_zero():
@@ -94,10 +125,15 @@ def test_budget_is_met_closely(target):
     stored = parameter_count(model.named_weights())
     dense = cfg.size["dense_parameters"]
     assert stored <= target * dense
+    widths, rotation = plan_of(cfg), cfg.slicing["rotation"]
+    if rotation == "none":  # the MLPs alone meet it: 32 more neurons per block would overshoot
+        more = [w.intermediate + 32 for w in cfg.layers]
+        assert plan_cost(cfg, widths, rotation, more).parameters > target * dense
+        return
     # one more round_to step of every width would overshoot: the uniform plan is the widest that fits
-    widths = plan_of(cfg)
+    assert rotation == "block" and [w.intermediate for w in cfg.layers] == [kept_count(cfg.intermediate_size, 0.6)] * cfg.num_layers
     wider = [w + cfg.round_to for w in widths[:-1]] + widths[-1:]
-    assert plan_cost(cfg, wider, cfg.slicing["rotation"]).parameters > target * dense
+    assert plan_cost(cfg, wider, rotation, [w.intermediate for w in cfg.layers]).parameters > target * dense
 
 
 def test_budget_and_sparsity_are_exclusive():
@@ -174,7 +210,7 @@ def test_pruned_mlps_are_recorded_counted_and_run_from_gguf(family, tmp_path):
 
     hf = tiny_hf_model(family)
     model, cfg, _ = fused_model(source_of(hf))
-    slice_fused(model, cfg, calibration(), target_params=0.8, ffn_keep=0.7)
+    slice_fused(model, cfg, calibration(), target_params=0.8, ffn_keep=0.7)  # a given --ffn-keep: block rotation
     keep = 64  # 0.7 x 96 neurons, rounded down to a multiple of 32
     assert [w.intermediate for w in cfg.layers] == [keep] * cfg.num_layers
     tensors = model.named_weights()

@@ -147,6 +147,19 @@ def test_slice_to_a_parameter_budget(tiny_folder, calib_file, tmp_path):
     assert size["parameter_fraction"] <= 0.7 and size["parameters"] <= 0.7 * size["dense_parameters"]
     assert f"({size['parameter_fraction']:.3f} of dense" in result.output
     assert size["mac_fraction"] == pytest.approx(size["macs_per_token"] / size["dense_macs_per_token"])
+    # 0.7 is below what pruning MLP neurons alone reaches in this model (0.74): the residual is narrowed too
+    assert json.loads((out / "config.json").read_text())["slicegpt"]["slicing"]["rotation"] == "block"
+
+
+def test_a_budget_the_mlps_can_meet_prunes_only_mlp_neurons(tiny_folder, calib_file, tmp_path):
+    out = tmp_path / "mlp-only"
+    result = runner.invoke(app, slice_args(tiny_folder, out, calib_file, "--target-params", "0.9"))
+    assert result.exit_code == 0, result.output
+    sliced = json.loads((out / "config.json").read_text())["slicegpt"]
+    assert sliced["slicing"]["rotation"] == "none" and sliced["size"]["parameters"] <= 0.9 * sliced["size"]["dense_parameters"]
+    # every residual width kept (64), 64 of the 96 neurons: 96 would not fit
+    assert all(w["attn_in"] == w["attn_out"] == w["mlp_out"] == 64 and w["intermediate"] == 64 for w in sliced["layers"])
+    assert "MLP neurons 64 of 96" in result.output
 
 
 def test_sparsity_and_budget_together_are_refused(tiny_folder, calib_file, tmp_path):

@@ -204,3 +204,17 @@ def test_fuzzed_files_are_refused_cleanly(tmp_path):
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert outcomes["refused"] >= 100, outcomes
+
+
+def test_default_q8_0_keeps_an_unrotated_checkpoint_in_its_own_basis(tmp_path):
+    # rotation none (MLP neurons only): no aligned basis, so the tied model's embedding projection stays the identity,
+    # which q8_0 stores exactly, and the file needs no shortcut corrections
+    checkpoint = write_sliced_checkpoint("llama-tied", "budget-none", tmp_path / "checkpoint")
+    assert read_config(checkpoint)[0].slicing["rotation"] == "none"
+    path = export_gguf(checkpoint=checkpoint, out=tmp_path / "q8_0", gguf_type="q8_0")
+    reader = gguf.GGUFReader(path)
+    assert spec.SHORTCUT_DELTA not in reader.fields
+    proj = next(t for t in reader.tensors if t.name == "token_embd_proj.weight")
+    assert proj.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    stored = gguf.quants.dequantize(proj.data, proj.tensor_type)  # (D, D)
+    assert np.array_equal(stored, np.eye(stored.shape[0], dtype=stored.dtype))  # its top-1 agreement: test_q8_0_top1_agreement

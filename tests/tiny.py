@@ -139,14 +139,15 @@ def save_tiny_model(name: str, folder: Path, *, seed: int = 0, train_on: Path | 
 
 
 #: slicings the runtime suites cover besides plain sparsities: budgets with every structural option
-#: (one shortcut per block or none, per-layer widths, pruned MLPs, a sliced tied embedding matrix)
+#: (one shortcut per block or none, per-layer widths, pruned MLPs alone or with them, a sliced tied embedding matrix)
 SLICINGS: dict[str, dict[str, Any]] = {
     "budget": {"target_params": 0.8, "rotation": "block", "allocation": "spectrum", "ffn_keep": 0.7},
     "budget-tied": {"target_params": 0.8, "rotation": "block", "allocation": "spectrum", "ffn_keep": 0.7, "embed_keep": 0.75},
     "budget-global": {"target_params": 0.8, "rotation": "global", "ffn_keep": 0.7},
+    "budget-none": {"target_params": 0.85, "rotation": "none"},  # MLP neurons only, as many as fit
 }
 #: (family, slicing) pairs beside each family's sparsities 0 and 0.25 in the ONNX, GGUF and llama.cpp suites
-BUDGET_CASES = [("llama-tied", "budget-tied"), ("opt", "budget-global"), ("phi", "budget"), ("qwen2", "budget")]
+BUDGET_CASES = [("llama-tied", "budget-tied"), ("llama-tied", "budget-none"), ("opt", "budget-global"), ("phi", "budget"), ("qwen2", "budget")]
 
 
 def slice_options(slicing: float | str) -> dict[str, Any]:

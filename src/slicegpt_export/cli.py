@@ -221,9 +221,11 @@ TARGET_HELP = ("Stored-parameter budget R in (0, 1): the sliced model holds at m
 ALLOCATION_HELP = ("How a --target-params budget is spread over layers: uniform (one width), sensitivity (measured per layer) "
                    "or spectrum (from the PCA spectra).")  # fmt: skip
 ROTATION_HELP = ("stage: a basis per attention/MLP output, two shortcuts per block (the paper); block: one shortcut per block; "
-                 "global: one basis, no shortcut. Default: stage for --sparsity, block for --target-params.")  # fmt: skip
+                 "global: one basis, no shortcut; none: every width kept, only MLP neurons pruned. Default: stage for "
+                 "--sparsity; for --target-params none where the MLPs alone can meet it (with the default --allocation and "
+                 "no --ffn-keep), else block.")  # fmt: skip
 FFN_KEEP_HELP = ("Fraction of every MLP's neurons to keep, the down projection refitted by least squares "
-                 "(default: all with --sparsity, 0.6 with --target-params).")  # fmt: skip
+                 "(default: all with --sparsity; with --target-params as many as fit under --rotation none, else 0.6).")  # fmt: skip
 EMBED_KEEP_HELP = "Fraction of a tied embedding matrix's columns to keep (tied models only)."
 DEFAULT_SPARSITY = 0.25
 
@@ -292,7 +294,9 @@ def describe_widths(cfg: SlicedConfig) -> str:
         layers = "layers attn_in/attn_out/mlp_in/mlp_out " + ", ".join(f"{a}/{b}/{c}/{d}" for a, b, c, d in layer_kinds)
     else:  # per-layer widths (a budget's allocation): each block's output width
         layers = "block outputs " + " ".join(str(w.mlp_out) for w in cfg.layers)
-    return f"D {cfg.hidden_size} | embedding {cfg.embedding_width} | {layers} | head {cfg.head_in}"
+    neurons = sorted({w.intermediate for w in cfg.layers if w.intermediate is not None})
+    mlp = f" | MLP neurons {'/'.join(map(str, neurons))} of {cfg.intermediate_size}" if neurons else ""
+    return f"D {cfg.hidden_size} | embedding {cfg.embedding_width} | {layers}{mlp} | head {cfg.head_in}"
 
 
 def window_count(windows: int) -> int | None:

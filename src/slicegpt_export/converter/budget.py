@@ -50,6 +50,9 @@ def layer_widths(cfg: SlicedConfig, widths: list[int], rotation: str, intermedia
 
 
 def residual_widths(cfg: SlicedConfig, widths: list[int], rotation: str) -> list[LayerWidths]:
+    if rotation == "none":
+        D = cfg.hidden_size
+        return [LayerWidths(D, D, D, D) for _ in range(cfg.num_layers)]
     if rotation == "global":
         d, head = widths
         last = LayerWidths(d, head, d, head) if cfg.block_kind == "parallel" else LayerWidths(d, d, d, head)
@@ -71,6 +74,8 @@ def residual_widths(cfg: SlicedConfig, widths: list[int], rotation: str) -> list
 
 
 def signal_count(cfg: SlicedConfig, rotation: str) -> int:
+    if rotation == "none":
+        return 1  # the embedding's, read by every block and the head
     if rotation == "global":
         return 2  # the stream, the head's input
     per_block = 2 if (cfg.block_kind == "sequential" and rotation == "stage") else 1
@@ -80,6 +85,8 @@ def signal_count(cfg: SlicedConfig, rotation: str) -> int:
 def stored_shortcuts(cfg: SlicedConfig, widths: list[int], rotation: str) -> list[tuple[bool, bool]]:
     """(attention, MLP) shortcut stored, per block: a shortcut that is the identity is not."""
     n, sequential = cfg.num_layers, cfg.block_kind == "sequential"
+    if rotation == "none":
+        return [(False, False)] * n
     if rotation == "global":
         last = widths[-1] != widths[0]  # only a wider head needs [I 0]
         return [(not sequential and last and i == n - 1, sequential and last and i == n - 1) for i in range(n)]
@@ -124,8 +131,20 @@ def plan_cost(cfg: SlicedConfig, widths: list[int], rotation: str, intermediates
 
 def kept_count(total: int, keep_fraction: float, multiple: int = 32) -> int:
     """int(keep_fraction * total) rounded down to a multiple of `multiple` (block-quantization friendly), at least `multiple`."""
-    k = int(keep_fraction * total)
+    k = int(keep_fraction * total + 1e-9)  # a fraction k / total gives k back
     return min(total, max(multiple, k - k % multiple))
+
+
+def mlp_only_plan(cfg: SlicedConfig, budget: int, *, multiple: int = 32) -> int:
+    """The most MLP neurons per block (a multiple of `multiple`, as kept_count rounds) with which the model
+    at full width (rotation none: no PCA, no shortcut) fits `budget`."""
+    F, n = cfg.intermediate_size, cfg.num_layers
+    for k in range(F - F % multiple, 0, -multiple):
+        if plan_cost(cfg, [cfg.hidden_size], "none", [k] * n).parameters <= budget:
+            return k
+    cost = plan_cost(cfg, [cfg.hidden_size], "none", [multiple] * n).parameters
+    raise SliceGPTError(f"pruning MLP neurons alone cannot fit {budget:,} stored parameters ({cost:,} with {multiple} per block): "
+                        "narrow the residual width too (--rotation block)")  # fmt: skip
 
 
 def uniform_plan(

@@ -27,7 +27,7 @@ from slicegpt_export.checkpoint import (
     write_config,
 )  # fmt: skip
 from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
-from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, spectrum_plan, uniform_plan
+from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, mlp_only_plan, spectrum_plan, uniform_plan
 from slicegpt_export.converter.calibration import calibration_size
 from slicegpt_export.converter.distributed import DataParallel
 from slicegpt_export.converter.fusion import (
@@ -64,10 +64,12 @@ logger = logging.getLogger(__name__)
 #: folds norms (canonical name -> tensor) into a model: fusion.fuse_norms, or fuse_global_norms when blocks stream
 NormFusion = Callable[..., None]
 
-#: rotation scheme of budget slicing (measured in bench/pareto.py: one shortcut per block is smaller at equal quality)
+#: rotation scheme of budget slicing where the MLPs alone cannot meet the budget, or the user chose how many
+#: neurons to keep or a per-layer allocation (measured in bench/pareto.py: one shortcut per block is smaller
+#: at equal quality than the paper's two)
 DEFAULT_BUDGET_ROTATION = "block"
-#: fraction of MLP neurons a budget keeps unless told: spending the budget on residual width rather than on
-#: the MLPs' inner width measured better on SmolLM2 at --target-params 0.75 (bench/pareto.py, README results)
+#: fraction of MLP neurons such a rotated budget keeps unless told: spending the budget on residual width rather
+#: than on the MLPs' inner width measured better on SmolLM2 at --target-params 0.75 (bench/pareto.py, README results)
 DEFAULT_BUDGET_FFN_KEEP = 0.6
 
 
@@ -197,6 +199,47 @@ def check_target(target_params: float | None, sparsity: float) -> None:
         raise SliceGPTError("give either --sparsity (the paper's slicing fraction) or --target-params (a budget), not both")
 
 
+def default_rotation(cfg: SlicedConfig, *, target_params: float | None, allocation: str, ffn_keep: float | None, embed_keep: float) -> str:
+    """The rotation unless told: the paper's per-stage bases for --sparsity; for a budget, none (MLP neurons only,
+    every residual width kept: no PCA, no shortcut) where the MLPs alone can meet it and nothing else is asked of
+    the plan, else DEFAULT_BUDGET_ROTATION.  On SmolLM2 MLP neurons alone measured far better than any rotated
+    plan of the same size (bench/results/pareto-quality.md: 43.08 against 50.29 at 0.75, 70.93 against 82.54 at 0.6)."""
+    if target_params is None:
+        return "stage"
+    if allocation != "uniform" or ffn_keep is not None or not 0.0 < embed_keep <= 1.0 or not 0.0 < target_params < 1.0:
+        return DEFAULT_BUDGET_ROTATION
+    previous, cfg.tied_width = cfg.tied_width, kept_count(cfg.hidden_size, embed_keep) if embed_keep < 1 else None
+    try:
+        mlp_only_plan(cfg, int(target_params * cfg.size["dense_parameters"]))
+    except SliceGPTError:
+        logger.info("the MLPs alone cannot meet --target-params %g: residual widths are narrowed too (rotation %s)",
+                    target_params, DEFAULT_BUDGET_ROTATION)  # fmt: skip
+        return DEFAULT_BUDGET_ROTATION
+    finally:
+        cfg.tied_width = previous
+    return "none"
+
+
+def default_ffn_keep(cfg: SlicedConfig, rotation: str, target_params: float | None) -> float:
+    """The fraction of MLP neurons kept unless told: all without a budget; with one, as many as fit at full
+    width under rotation none (budget.mlp_only_plan), else DEFAULT_BUDGET_FFN_KEEP."""
+    if target_params is None:
+        return 1.0
+    if rotation == "none":
+        return mlp_only_plan(cfg, int(target_params * cfg.size["dense_parameters"])) / cfg.intermediate_size
+    return DEFAULT_BUDGET_FFN_KEEP
+
+
+def check_unrotated(rotation: str, *, sparsity: float, allocation: str, slice_head: bool) -> None:
+    """Rotation none keeps every width: it shrinks the MLPs only, so nothing that narrows a signal goes with it."""
+    if rotation != "none":
+        return
+    if sparsity or slice_head:
+        raise SliceGPTError("--rotation none keeps every residual width: give --target-params (or --ffn-keep with --sparsity 0), not --sparsity or --slice-head")
+    if allocation != "uniform":
+        raise SliceGPTError(f"--rotation none keeps every residual width: the {allocation} allocation has nothing to allocate")
+
+
 def plan_widths(
     model: SlicedModel,
     cfg: SlicedConfig,
@@ -255,9 +298,10 @@ def slice_fused(
 
     Widths: the paper's ``sparsity`` (every signal int((1 - s) D) rounded down), or a stored-
     parameter budget ``target_params`` x dense with an allocation.  ``rotation`` (see
-    slicing.py) defaults to the paper's per-stage bases for ``sparsity`` and to one basis per
-    block for budgets.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py;
-    default: all for ``sparsity``, DEFAULT_BUDGET_FFN_KEEP for budgets);
+    slicing.py) defaults as :func:`default_rotation` says: the paper's per-stage bases for
+    ``sparsity``; for budgets MLP neurons only (none) where they can meet it, else one basis per
+    block.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py;
+    default: :func:`default_ffn_keep`);
     ``embed_keep`` < 1 slices a tied embedding matrix to that fraction of its D columns (slicing.py).
     Records widths and choices in `cfg`; returns the eigenvalues of every PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
     shortcuts, the plain dense model in the sliced-checkpoint format.  `feed` and `reduce` as
@@ -266,25 +310,25 @@ def slice_fused(
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
     device = device if device is not None else torch.device("cpu")
-    if ffn_keep is None:
-        ffn_keep = 1.0 if target_params is None else DEFAULT_BUDGET_FFN_KEEP
+    rotation = rotation or default_rotation(cfg, target_params=target_params, allocation=allocation, ffn_keep=ffn_keep, embed_keep=embed_keep)
     for name, keep in (("--ffn-keep", ffn_keep), ("--embed-keep", embed_keep)):
-        if not 0.0 < keep <= 1.0:
+        if keep is not None and not 0.0 < keep <= 1.0:
             raise SliceGPTError(f"{name} must be in (0, 1], got {keep}")
     if embed_keep < 1 and not cfg.tied_embeddings:
         raise SliceGPTError("--embed-keep slices a tied embedding matrix; this model's head is not tied to its embedding")
     if not rotate:
-        if sparsity != 0 or slice_head or target_params is not None or ffn_keep < 1 or embed_keep < 1:
+        if sparsity != 0 or slice_head or target_params is not None or (ffn_keep or 1.0) < 1 or embed_keep < 1:
             raise SliceGPTError("--no-rotate keeps the dense model: it needs --sparsity 0, no --target-params and no --slice-head")
         cfg.sparsity, cfg.round_to, cfg.slicing = 0.0, round_to, {"rotation": "none"}
         return {}
-    rotation = rotation or ("stage" if target_params is None else DEFAULT_BUDGET_ROTATION)
     if rotation not in ROTATIONS:
         raise SliceGPTError(f"unknown --rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
-    batches = calibration_batches(calib, batch_size, device)
-    intermediates = [kept_count(cfg.intermediate_size, ffn_keep)] * cfg.num_layers if ffn_keep < 1 else None
+    check_unrotated(rotation, sparsity=sparsity, allocation=allocation if target_params is not None else "uniform", slice_head=slice_head)
     tied_width = kept_count(cfg.hidden_size, embed_keep) if embed_keep < 1 else None
     cfg.tied_width = tied_width  # the plan counts the sliced matrix
+    ffn_keep = ffn_keep if ffn_keep is not None else default_ffn_keep(cfg, rotation, target_params)
+    intermediates = [kept_count(cfg.intermediate_size, ffn_keep)] * cfg.num_layers if ffn_keep < 1 else None
+    batches = calibration_batches(calib, batch_size, device)
     widths = plan_widths(model, cfg, batches, sparsity=sparsity, target_params=target_params, rotation=rotation, allocation=allocation,
                          round_to=round_to, slice_head=slice_head, intermediates=intermediates, device=device,
                          progress=progress)  # fmt: skip
@@ -295,7 +339,8 @@ def slice_fused(
     if tied_width is not None:
         slice_tied_matrix(model, tied_matrix_basis(model, result.head_inputs, batches, tied_width, reduce))
     cfg.embedding_width, cfg.layers, cfg.head_in = result.embedding_width, result.layers, result.head_in
-    cfg.sparsity = sparsity if target_params is None else 1 - sum(widths[:-1]) / (len(widths) - 1) / cfg.hidden_size
+    residual = widths[:-1] or widths  # every signal but the head's (rotation none: the one signal)
+    cfg.sparsity = sparsity if target_params is None else 1 - sum(residual) / len(residual) / cfg.hidden_size
     cfg.round_to = round_to
     cfg.slicing = {"rotation": rotation, "target_params": target_params, "ffn_keep": ffn_keep, "embed_keep": embed_keep,
                    "allocation": allocation if target_params is not None else "uniform"}  # fmt: skip

@@ -13,7 +13,7 @@ d_in principal directions of that signal).  For each stage:
 A sequential block has two stages (attention, MLP), a parallel block one, so one loop serves
 both.  The head reads the last basis: W_head <- W_head Q_last.
 
-Two rotation schemes decide which stage outputs get a basis of their own:
+The rotation schemes decide which stage outputs get a basis of their own:
 
 * ``stage`` (the paper): every stage output, so a sequential block carries two shortcuts;
 * ``block``: one basis per block.  The attention stage writes back into the basis it read
@@ -23,7 +23,9 @@ Two rotation schemes decide which stage outputs get a basis of their own:
   (not yet rotated) attention on the unsliced X;
 * ``global``: one basis Q for every signal, from the PCA of the dense model's residual signals
   together, each normalised by its trace: C = sum_s C_s / tr(C_s).  Every shortcut is the
-  identity and none is stored (only a head kept wider than the stream needs one, [I 0]).
+  identity and none is stored (only a head kept wider than the stream needs one, [I 0]);
+* ``none``: no PCA; every signal keeps its full width in the original basis (Q = I, applied
+  exactly), so only pruned MLP neurons (``intermediates``) make the model smaller.  No shortcut.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from slicegpt_export.modeling import MLP, AttentionContext, DecoderLayer, Residu
 
 logger = logging.getLogger(__name__)
 
-ROTATIONS = ("stage", "block", "global")
+ROTATIONS = ("stage", "block", "global", "none")
 
 class LayerFeed(Protocol):
     """Where rotate_and_slice takes each block from and hands it back to (see ResidentLayers, converter/streaming.py)."""
@@ -81,6 +83,8 @@ def rotated_stages(model: SlicedModel, rotation: str) -> list[tuple[int, int]]:
     """(layer, stage) of every stage whose output gets its own basis, in order; the last one feeds the head."""
     if rotation not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
+    if rotation == "none":  # the embedding's (identity) basis throughout, the head included
+        return []
     if rotation == "global":  # one basis throughout; only the head's input may differ in width
         return [(len(model.layers) - 1, len(model.layers[-1].stages) - 1)]
     out = []
@@ -335,6 +339,11 @@ def rotate_and_slice(
         eigenvalues["global"] = eig.tolist()
         if widths[-1] == widths[0]:
             rotated = set()  # the head reads the stream's own basis: no shortcut at all
+    elif rotation == "none":
+        D = model.config.hidden_size
+        if widths != [D]:
+            raise ValueError(f"rotation none keeps the full width {D}, not {widths}")
+        shared = torch.eye(D, dtype=torch.float64, device=device)  # every product with it below is exact
     xs = embed_on_device(model, batches, device)  # (B, T, D) each
 
     def basis_for(name: str, ys: list[torch.Tensor], next_layer: int) -> torch.Tensor:
