@@ -51,6 +51,7 @@ SLICINGS: dict[str, dict[str, Any]] = {
     "sparsity-0.25": {"sparsity": 0.25},
     "params-0.75": {"target_params": 0.75},  # the budget default: MLP neurons only (rotation none)
     "params-0.75-block": {"target_params": 0.75, "rotation": "block"},  # one shortcut per block, the default until 2026-11-27
+    "params-0.892": {"target_params": 0.892},  # the paper's 0.25 model's size, MLP neurons only
 }
 EVAL_WINDOWS = 64
 OOD_TEXT = "python-stdlib"  # the built-in out-of-domain text (a file holding the same text gives the same numbers)
