@@ -50,6 +50,8 @@ BUDGET_MODES = {
     "block-sensitivity-ffn80": {"rotation": "block", "allocation": "sensitivity", "ffn_keep": 0.8},
     # MLP neurons only, as many as fit at full width: no PCA, no shortcut
     "mlp-only": {"rotation": "none", "allocation": "uniform"},
+    # the same with the neurons ranked by their own output energy (--ffn-selection energy; every pruned row until 2026-11-27)
+    "mlp-only-energy": {"rotation": "none", "allocation": "uniform", "ffn_selection": "energy"},
 }
 TARGETS = [0.9, 0.8, 0.75, 0.6]
 DEFAULT_ROWS = [f"paper:{s:g}" for s in PAPER] + [f"{m}:{r:g}" for m in BUDGET_MODES for r in TARGETS]
@@ -128,7 +130,7 @@ def default_variant(checkpoint: Path | None = None) -> tuple[str, str]:
 
     q8 = GGUF_TYPES["q8_0"][0]
     residual = residual_path_type("auto", q8)
-    rotated = checkpoint is None or read_config(checkpoint)[0].slicing.get("rotation") != "none"
+    rotated = checkpoint is None or read_config(checkpoint)[0].rotated
     return ("f16" if residual is None else residual.name.lower()), file_basis(q8, residual, "auto", rotated=rotated)
 
 

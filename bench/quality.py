@@ -52,6 +52,10 @@ SLICINGS: dict[str, dict[str, Any]] = {
     "params-0.75": {"target_params": 0.75},  # the budget default: MLP neurons only (rotation none)
     "params-0.75-block": {"target_params": 0.75, "rotation": "block"},  # one shortcut per block, the default until 2026-11-27
     "params-0.892": {"target_params": 0.892},  # the paper's 0.25 model's size, MLP neurons only
+    # neurons chosen by their own output energy, the choice until 2026-11-27 (--ffn-selection energy)
+    "params-0.75-energy": {"target_params": 0.75, "ffn_selection": "energy"},
+    "params-0.75-block-energy": {"target_params": 0.75, "rotation": "block", "ffn_selection": "energy"},
+    "params-0.892-energy": {"target_params": 0.892, "ffn_selection": "energy"},
 }
 EVAL_WINDOWS = 64
 OOD_TEXT = "python-stdlib"  # the built-in out-of-domain text (a file holding the same text gives the same numbers)
@@ -204,7 +208,9 @@ def recorded_row(path: Path) -> dict[str, Any]:
     recovery = cfg.recovery or {}
     times = {"recovery": {"wall_s": recovery["seconds"], "cpu_s": None}} if recovery else {}
     block = "-block" if cfg.slicing.get("rotation") == "block" else ""
-    return {"slicing": f"params-{target:g}{block}" if target else f"sparsity-{cfg.sparsity:g}", "recipe": recipe_name(cfg.calibration.get("source")),
+    pruned = (cfg.slicing.get("ffn_keep") or 1.0) < 1
+    energy = "-energy" if pruned and cfg.slicing.get("ffn_selection", "energy") == "energy" else ""  # no key: before obs
+    return {"slicing": f"params-{target:g}{block}{energy}" if target else f"sparsity-{cfg.sparsity:g}", "recipe": recipe_name(cfg.calibration.get("source")),
             "recover": recovery.get("steps", 0), "times": times, "recovery": recovery or None, "checkpoint": str(path)}  # fmt: skip
 
 

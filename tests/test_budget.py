@@ -224,20 +224,75 @@ def test_pruned_mlps_are_recorded_counted_and_run_from_gguf(family, tmp_path):
     assert (gguf_model.logits(ids) - model(ids).logits).abs().max().item() <= 1e-4
 
 
-def test_least_squares_down_projection_beats_plain_dropping():
-    from slicegpt_export.converter.ffn import compensated_down, neurons_to_keep
+def refit_error(acts: torch.Tensor, down: torch.Tensor, kept: torch.Tensor) -> float:
+    """||A_S W'^T - A W_down^T|| / ||A W_down^T||: the relative error of the least-squares refit on the kept neurons."""
+    from slicegpt_export.converter.ffn import compensated_down
+
+    target = acts @ down.T  # (tokens, d_out)
+    return ((acts[:, kept] @ compensated_down(acts.T @ acts, down, kept).T - target).norm() / target.norm()).item()
+
+
+@pytest.mark.parametrize("selection", ["obs", "energy"])
+def test_least_squares_down_projection_beats_plain_dropping(selection):
+    from slicegpt_export.converter.ffn import SELECTIONS, compensated_down
 
     gen = torch.Generator().manual_seed(0)
     basis = torch.randn(96, 24, generator=gen, dtype=torch.float64)  # activations of 96 neurons live in 24 dimensions
     acts = torch.randn(2000, 24, generator=gen, dtype=torch.float64) @ basis.T  # (tokens, F): correlated neurons
     down = torch.randn(16, 96, generator=gen, dtype=torch.float64)
     gram = acts.T @ acts
-    kept = neurons_to_keep(gram, down, 48)
+    kept = SELECTIONS[selection](gram, down, 48)
+    assert kept.shape == (48,) and torch.equal(kept, kept.unique())
     target = acts @ down.T
     refit = acts[:, kept] @ compensated_down(gram, down, kept).T
     dropped = acts[:, kept] @ down[:, kept].T
     # 48 correlated neurons span the 24 dimensions: least squares recovers the output almost exactly
     assert (refit - target).norm() / target.norm() < 0.02 < (dropped - target).norm() / target.norm()
+
+
+def test_elimination_keeps_what_the_others_cannot_rebuild():
+    """Two copies of a loud neuron and a quiet one, keep two: ranking by energy keeps both copies and loses the quiet
+    neuron's output; elimination with refitting drops one copy (the other takes its weight) and is exact."""
+    from slicegpt_export.converter.ffn import neurons_to_keep, neurons_to_keep_obs
+
+    gen = torch.Generator().manual_seed(2)
+    loud, quiet = 3 * torch.randn(500, 1, generator=gen, dtype=torch.float64), torch.randn(500, 1, generator=gen, dtype=torch.float64)
+    acts = torch.cat((loud, loud, quiet), 1)  # (tokens, 3)
+    down = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    gram = acts.T @ acts
+    assert neurons_to_keep(gram, down, 2).tolist() == [0, 1]
+    assert refit_error(acts, down, neurons_to_keep(gram, down, 2)) > 0.05
+    assert neurons_to_keep_obs(gram, down, 2)[-1].item() == 2
+    assert refit_error(acts, down, neurons_to_keep_obs(gram, down, 2)) < 0.02  # the 1% damping's bias only
+
+
+def test_elimination_beats_the_energy_ranking_on_correlated_neurons():
+    from slicegpt_export.converter.ffn import neurons_to_keep, neurons_to_keep_obs
+
+    gen = torch.Generator().manual_seed(3)
+    mixing = torch.randn(128, 128, generator=gen, dtype=torch.float64) / 8  # (F, F): shared directions
+    acts = torch.randn(3000, 128, generator=gen, dtype=torch.float64) @ (mixing + torch.eye(128, dtype=torch.float64))
+    down = torch.randn(32, 128, generator=gen, dtype=torch.float64)
+    gram = acts.T @ acts
+    for keep in (96, 64, 32):
+        assert refit_error(acts, down, neurons_to_keep_obs(gram, down, keep)) < 0.98 * refit_error(acts, down, neurons_to_keep(gram, down, keep))
+
+
+def test_neuron_elimination_chooses_alike_with_any_thread_count():
+    from slicegpt_export.converter.ffn import neurons_to_keep_obs
+
+    gen = torch.Generator().manual_seed(4)
+    acts = torch.randn(1600, 1536, generator=gen, dtype=torch.float64)
+    gram, down = acts.T @ acts, torch.randn(576, 1536, generator=gen, dtype=torch.float64)  # (F, F), (D, F)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = neurons_to_keep_obs(gram, down, 864)
+        torch.set_num_threads(1)
+        one = neurons_to_keep_obs(gram, down, 864)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
 
 
 def test_least_squares_down_projection_is_the_same_bits_with_any_thread_count():

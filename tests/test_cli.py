@@ -160,6 +160,13 @@ def test_a_budget_the_mlps_can_meet_prunes_only_mlp_neurons(tiny_folder, calib_f
     # every residual width kept (64), 64 of the 96 neurons: 96 would not fit
     assert all(w["attn_in"] == w["attn_out"] == w["mlp_out"] == 64 and w["intermediate"] == 64 for w in sliced["layers"])
     assert "MLP neurons 64 of 96" in result.output
+    assert sliced["slicing"]["ffn_selection"] == "obs"
+
+
+def test_unknown_neuron_selection_is_refused(tiny_folder, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, slice_args(tiny_folder, out, calib_file, "--target-params", "0.9", "--ffn-selection", "random"))
+    assert_refused(result, "unknown --ffn-selection 'random'", out)
 
 
 def test_sparsity_and_budget_together_are_refused(tiny_folder, calib_file, tmp_path):

@@ -84,7 +84,7 @@ def test_llama_cpp_perplexity_matches_the_reference(llama_cpp, quarter, test_win
     assert abs(ppl / reference - 1) <= 0.005, (ppl, reference)
 
 
-BUDGET_75_PPL = 43.083  # --target-params 0.75 with its defaults (MLP neurons only: 864 of 1536 kept), measured
+BUDGET_75_PPL = 41.587  # --target-params 0.75 with its defaults (MLP neurons only: 864 of 1536 kept, chosen by elimination), measured
 
 
 @pytest.fixture(scope="module")
@@ -107,5 +107,5 @@ def test_budget_meets_its_size_on_the_protocol(budget):
     checkpoint, ppl = budget
     cfg, _ = read_config(checkpoint)
     assert cfg.size["parameters"] <= 0.75 * cfg.size["dense_parameters"]
-    assert cfg.slicing["rotation"] == "none" and {w.intermediate for w in cfg.layers} == {864}
+    assert cfg.slicing["rotation"] == "none" and cfg.slicing["ffn_selection"] == "obs" and {w.intermediate for w in cfg.layers} == {864}
     assert ppl == pytest.approx(BUDGET_75_PPL, abs=SLICED_TOLERANCE)

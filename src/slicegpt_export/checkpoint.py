@@ -139,6 +139,11 @@ class SlicedConfig:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def rotated(self) -> bool:
+        """Whether the weights left the source's basis: rotation none (and the plain dense model) keeps it."""
+        return self.slicing.get("rotation") != "none"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -163,6 +163,7 @@ def main(
     rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
     ffn_keep: Annotated[float | None, typer.Option(help=FFN_KEEP_HELP)] = None,
+    ffn_selection: Annotated[str, typer.Option(help=FFN_SELECTION_HELP)] = "obs",
     embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
     out: Annotated[Path, typer.Option(help="Output folder of the one-shot job (new, empty, or an earlier run's: finished stages with the same inputs are reused).")] = Path("slicegpt-out"),
     calib: Annotated[list[str] | None, typer.Option(help=CALIB_HELP)] = None,
@@ -202,7 +203,7 @@ def main(
 
     options = dict(round_to=round_to, slice_head=slice_head, rotate=not no_rotate, calib=calib_option(calib), calib_samples=calib_samples,
                    calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, device=device, dtype=parse_dtype(dtype),
-                   **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep))  # fmt: skip
+                   **budget_options(target_params, rotation, allocation, ffn_keep, ffn_selection, embed_keep))  # fmt: skip
     if recover:
         options.update(recover_steps=recover, recover_loss=recover_loss)
     try:
@@ -226,6 +227,8 @@ ROTATION_HELP = ("stage: a basis per attention/MLP output, two shortcuts per blo
                  "no --ffn-keep), else block.")  # fmt: skip
 FFN_KEEP_HELP = ("Fraction of every MLP's neurons to keep, the down projection refitted by least squares "
                  "(default: all with --sparsity; with --target-params as many as fit under --rotation none, else 0.6).")  # fmt: skip
+FFN_SELECTION_HELP = ("How pruned MLPs choose the neurons they keep: obs (backward elimination that refits the down projection "
+                      "as it goes) or energy (each neuron's own output energy, the choice until 2026-11-27).")  # fmt: skip
 EMBED_KEEP_HELP = "Fraction of a tied embedding matrix's columns to keep (tied models only)."
 DEFAULT_SPARSITY = 0.25
 
@@ -237,8 +240,10 @@ def paper_sparsity(sparsity: float | None, target_params: float | None) -> float
     return 0.0 if target_params is not None else DEFAULT_SPARSITY
 
 
-def budget_options(target_params: float | None, rotation: str | None, allocation: str, ffn_keep: float | None, embed_keep: float) -> dict[str, Any]:
-    return {"target_params": target_params, "rotation": rotation, "allocation": allocation, "ffn_keep": ffn_keep, "embed_keep": embed_keep}
+def budget_options(target_params: float | None, rotation: str | None, allocation: str, ffn_keep: float | None, ffn_selection: str,
+                   embed_keep: float) -> dict[str, Any]:  # fmt: skip
+    return {"target_params": target_params, "rotation": rotation, "allocation": allocation, "ffn_keep": ffn_keep,
+            "ffn_selection": ffn_selection, "embed_keep": embed_keep}  # fmt: skip
 
 
 def describe_size(cfg: SlicedConfig) -> str:
@@ -315,6 +320,7 @@ def slice_command(
     rotation: Annotated[str | None, typer.Option(help=ROTATION_HELP)] = None,
     allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
     ffn_keep: Annotated[float | None, typer.Option(help=FFN_KEEP_HELP)] = None,
+    ffn_selection: Annotated[str, typer.Option(help=FFN_SELECTION_HELP)] = "obs",
     embed_keep: Annotated[float, typer.Option(help=EMBED_KEEP_HELP)] = 1.0,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     round_to: Annotated[int, typer.Option(help="Round sliced widths down to a multiple of this (32 for q8_0/q4_0 GGUF).")] = 8,
@@ -352,7 +358,7 @@ def slice_command(
                 calib=calib_option(calib), calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
                 device=device, dtype=parse_checkpoint_dtype(dtype), overwrite=overwrite, rotate=not no_rotate, stream=not in_memory,
                 data_parallel=dp, max_shard_bytes=int(max_shard_size * 1e9),
-                **budget_options(target_params, rotation, allocation, ffn_keep, embed_keep),
+                **budget_options(target_params, rotation, allocation, ffn_keep, ffn_selection, embed_keep),
             )  # fmt: skip
     except KeyboardInterrupt:
         kept = f"; the existing {out} is unchanged" if out.exists() else ""

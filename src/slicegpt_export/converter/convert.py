@@ -30,6 +30,7 @@ from slicegpt_export.converter.adapters import FamilyAdapter, adapter_for
 from slicegpt_export.converter.budget import ALLOCATIONS, kept_count, mlp_only_plan, spectrum_plan, uniform_plan
 from slicegpt_export.converter.calibration import calibration_size
 from slicegpt_export.converter.distributed import DataParallel
+from slicegpt_export.converter.ffn import DEFAULT_SELECTION, check_selection
 from slicegpt_export.converter.fusion import (
     fusable_norm_names,
     fuse_global_norms,
@@ -199,35 +200,27 @@ def check_target(target_params: float | None, sparsity: float) -> None:
         raise SliceGPTError("give either --sparsity (the paper's slicing fraction) or --target-params (a budget), not both")
 
 
-def default_rotation(cfg: SlicedConfig, *, target_params: float | None, allocation: str, ffn_keep: float | None, embed_keep: float) -> str:
-    """The rotation unless told: the paper's per-stage bases for --sparsity; for a budget, none (MLP neurons only,
-    every residual width kept: no PCA, no shortcut) where the MLPs alone can meet it and nothing else is asked of
-    the plan, else DEFAULT_BUDGET_ROTATION.  On SmolLM2 MLP neurons alone measured far better than any rotated
-    plan of the same size (bench/results/pareto-quality.md: 43.08 against 50.29 at 0.75, 70.93 against 82.54 at 0.6)."""
+def budget_defaults(cfg: SlicedConfig, *, rotation: str | None, target_params: float | None, allocation: str,
+                    ffn_keep: float | None) -> tuple[str, float]:  # fmt: skip
+    """The rotation and the fraction of MLP neurons kept, where not told.  Without a budget: the paper's per-stage
+    bases and every neuron.  With one: rotation none (MLP neurons only, every residual width kept: no PCA, no
+    shortcut) with as many neurons as fit (budget.mlp_only_plan) where the MLPs alone can meet it and nothing else
+    is asked of the plan, else DEFAULT_BUDGET_ROTATION with DEFAULT_BUDGET_FFN_KEEP.  `cfg.tied_width` must be set:
+    the plan counts the sliced matrix.  On SmolLM2 MLP neurons alone measured far better than any rotated plan of
+    the same size (bench/results/pareto-quality.md, neurons chosen by energy in both: 43.08 against 50.29 at 0.75, 70.93
+    against 82.54 at 0.6)."""
     if target_params is None:
-        return "stage"
-    if allocation != "uniform" or ffn_keep is not None or not 0.0 < embed_keep <= 1.0 or not 0.0 < target_params < 1.0:
-        return DEFAULT_BUDGET_ROTATION
-    previous, cfg.tied_width = cfg.tied_width, kept_count(cfg.hidden_size, embed_keep) if embed_keep < 1 else None
-    try:
-        mlp_only_plan(cfg, int(target_params * cfg.size["dense_parameters"]))
-    except SliceGPTError:
-        logger.info("the MLPs alone cannot meet --target-params %g: residual widths are narrowed too (rotation %s)",
-                    target_params, DEFAULT_BUDGET_ROTATION)  # fmt: skip
-        return DEFAULT_BUDGET_ROTATION
-    finally:
-        cfg.tied_width = previous
-    return "none"
-
-
-def default_ffn_keep(cfg: SlicedConfig, rotation: str, target_params: float | None) -> float:
-    """The fraction of MLP neurons kept unless told: all without a budget; with one, as many as fit at full
-    width under rotation none (budget.mlp_only_plan), else DEFAULT_BUDGET_FFN_KEEP."""
-    if target_params is None:
-        return 1.0
-    if rotation == "none":
-        return mlp_only_plan(cfg, int(target_params * cfg.size["dense_parameters"])) / cfg.intermediate_size
-    return DEFAULT_BUDGET_FFN_KEEP
+        return rotation or "stage", 1.0 if ffn_keep is None else ffn_keep
+    if ffn_keep is None and rotation in (None, "none") and allocation == "uniform":
+        budget = int(target_params * cfg.size["dense_parameters"])
+        try:
+            return "none", mlp_only_plan(cfg, budget) / cfg.intermediate_size
+        except SliceGPTError:
+            if rotation == "none":
+                raise
+            logger.info("the MLPs alone cannot meet --target-params %g: residual widths are narrowed too (rotation %s)",
+                        target_params, DEFAULT_BUDGET_ROTATION)  # fmt: skip
+    return rotation or DEFAULT_BUDGET_ROTATION, DEFAULT_BUDGET_FFN_KEEP if ffn_keep is None else ffn_keep
 
 
 def check_unrotated(rotation: str, *, sparsity: float, allocation: str, slice_head: bool) -> None:
@@ -284,6 +277,7 @@ def slice_fused(
     rotation: str | None = None,
     allocation: str = "uniform",
     ffn_keep: float | None = None,
+    ffn_selection: str = DEFAULT_SELECTION,
     embed_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
@@ -298,10 +292,10 @@ def slice_fused(
 
     Widths: the paper's ``sparsity`` (every signal int((1 - s) D) rounded down), or a stored-
     parameter budget ``target_params`` x dense with an allocation.  ``rotation`` (see
-    slicing.py) defaults as :func:`default_rotation` says: the paper's per-stage bases for
+    slicing.py) defaults as :func:`budget_defaults` says: the paper's per-stage bases for
     ``sparsity``; for budgets MLP neurons only (none) where they can meet it, else one basis per
     block.  ``ffn_keep`` < 1 keeps that fraction of every MLP's neurons (converter/ffn.py;
-    default: :func:`default_ffn_keep`);
+    default: :func:`budget_defaults`), chosen as ``ffn_selection`` says (obs or energy);
     ``embed_keep`` < 1 slices a tied embedding matrix to that fraction of its D columns (slicing.py).
     Records widths and choices in `cfg`; returns the eigenvalues of every PCA.  With rotate=False (sparsity 0 only) the fused model is kept as it is: no PCA, no
     shortcuts, the plain dense model in the sliced-checkpoint format.  `feed` and `reduce` as
@@ -309,32 +303,32 @@ def slice_fused(
     """
     check_sparsity(sparsity)
     check_target(target_params, sparsity)
+    check_selection(ffn_selection)
     device = device if device is not None else torch.device("cpu")
-    rotation = rotation or default_rotation(cfg, target_params=target_params, allocation=allocation, ffn_keep=ffn_keep, embed_keep=embed_keep)
     for name, keep in (("--ffn-keep", ffn_keep), ("--embed-keep", embed_keep)):
         if keep is not None and not 0.0 < keep <= 1.0:
             raise SliceGPTError(f"{name} must be in (0, 1], got {keep}")
     if embed_keep < 1 and not cfg.tied_embeddings:
         raise SliceGPTError("--embed-keep slices a tied embedding matrix; this model's head is not tied to its embedding")
+    tied_width = kept_count(cfg.hidden_size, embed_keep) if embed_keep < 1 else None
+    cfg.tied_width = tied_width  # the plans count the sliced matrix
     if not rotate:
         if sparsity != 0 or slice_head or target_params is not None or (ffn_keep or 1.0) < 1 or embed_keep < 1:
             raise SliceGPTError("--no-rotate keeps the dense model: it needs --sparsity 0, no --target-params and no --slice-head")
         cfg.sparsity, cfg.round_to, cfg.slicing = 0.0, round_to, {"rotation": "none"}
         return {}
-    if rotation not in ROTATIONS:
+    if rotation is not None and rotation not in ROTATIONS:
         raise SliceGPTError(f"unknown --rotation {rotation!r} (choose from {', '.join(ROTATIONS)})")
+    rotation, ffn_keep = budget_defaults(cfg, rotation=rotation, target_params=target_params, allocation=allocation, ffn_keep=ffn_keep)
     check_unrotated(rotation, sparsity=sparsity, allocation=allocation if target_params is not None else "uniform", slice_head=slice_head)
-    tied_width = kept_count(cfg.hidden_size, embed_keep) if embed_keep < 1 else None
-    cfg.tied_width = tied_width  # the plan counts the sliced matrix
-    ffn_keep = ffn_keep if ffn_keep is not None else default_ffn_keep(cfg, rotation, target_params)
     intermediates = [kept_count(cfg.intermediate_size, ffn_keep)] * cfg.num_layers if ffn_keep < 1 else None
     batches = calibration_batches(calib, batch_size, device)
     widths = plan_widths(model, cfg, batches, sparsity=sparsity, target_params=target_params, rotation=rotation, allocation=allocation,
                          round_to=round_to, slice_head=slice_head, intermediates=intermediates, device=device,
                          progress=progress)  # fmt: skip
     bar = tqdm(total=cfg.num_layers, desc="slicing layers", unit="layer", disable=not progress)
-    result = rotate_and_slice(model, batches, widths=widths, rotation=rotation, intermediates=intermediates, device=device,
-                              on_layer=lambda i: bar.update(1), feed=feed, reduce=reduce)  # fmt: skip
+    result = rotate_and_slice(model, batches, widths=widths, rotation=rotation, intermediates=intermediates, ffn_selection=ffn_selection,
+                              device=device, on_layer=lambda i: bar.update(1), feed=feed, reduce=reduce)  # fmt: skip
     bar.close()
     if tied_width is not None:
         slice_tied_matrix(model, tied_matrix_basis(model, result.head_inputs, batches, tied_width, reduce))
@@ -344,6 +338,8 @@ def slice_fused(
     cfg.round_to = round_to
     cfg.slicing = {"rotation": rotation, "target_params": target_params, "ffn_keep": ffn_keep, "embed_keep": embed_keep,
                    "allocation": allocation if target_params is not None else "uniform"}  # fmt: skip
+    if intermediates is not None:
+        cfg.slicing["ffn_selection"] = ffn_selection
     return result.eigenvalues
 
 
@@ -382,6 +378,7 @@ def slice_checkpoint(
     rotation: str | None = None,
     allocation: str = "uniform",
     ffn_keep: float | None = None,
+    ffn_selection: str = DEFAULT_SELECTION,
     embed_keep: float = 1.0,
     round_to: int = 8,
     slice_head: bool = False,
@@ -455,6 +452,7 @@ def slice_checkpoint(
             rotation=rotation,
             allocation=allocation,
             ffn_keep=ffn_keep,
+            ffn_selection=ffn_selection,
             embed_keep=embed_keep,
             round_to=round_to,
             slice_head=slice_head,

@@ -9,7 +9,8 @@ SliceGPT do (MoDeGPT, ICLR 2025; ZipLM):
 
 with A (tokens x F) the activations and G = A^T A their Gram matrix (float64, padding excluded,
 1% damping lambda as in the PCA).  Neurons are ranked by the output energy each carries alone,
-G_jj ||W_down[:, j]||^2; gate/up lose the rows of the dropped neurons.
+G_jj ||W_down[:, j]||^2 ("energy"), or by backward elimination that refits as it goes ("obs", the default:
+SmolLM2 at --target-params 0.75, MLP neurons only, 41.59 against 43.08); gate/up lose the rows of the dropped neurons.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from slicegpt_export.converter.pca import one_cpu_thread
+from slicegpt_export.errors import SliceGPTError
 from slicegpt_export.modeling import MLP
 
 DAMPING = 0.01  # fraction of the mean diagonal of G added before solving
@@ -29,6 +31,31 @@ def neurons_to_keep(gram: torch.Tensor, down: torch.Tensor, keep: int) -> torch.
     return energy.topk(keep).indices.sort().values
 
 
+def neurons_to_keep_obs(gram: torch.Tensor, down: torch.Tensor, keep: int, *, step: int = 8) -> torch.Tensor:
+    """Indices (sorted) of `keep` neurons chosen by backward elimination with compensation (Optimal Brain Surgeon on
+    whole neurons, as ZipLM and SparseGPT prune structures).  With H = G + lambda I, removing neuron j and refitting
+    the others raises the least-squares error by ||w_j||^2 / [H^-1]_jj (w_j the j-th column of the current W_down).
+    The `step` cheapest go together, and the rest are refitted for the set J removed:
+
+        W <- W - W_J ([H^-1]_JJ)^-1 [H^-1]_J.        H^-1 <- H^-1 - [H^-1]_.J ([H^-1]_JJ)^-1 [H^-1]_J.
+    """
+    h = gram.clone()  # (F, F) float64
+    h.diagonal().add_(DAMPING * h.diagonal().mean())
+    alive = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    with one_cpu_thread(h.device):  # the same choices with any thread count (data-parallel processes must agree)
+        h_inv = torch.linalg.inv(h)  # (F, F)
+        w = down.double().clone()  # (d_out, F)
+        while (removing := min(step, int(alive.sum()) - keep)) > 0:
+            d = h_inv.diagonal()  # (F,)
+            cost = torch.where(alive, w.pow(2).sum(0) / d.clamp(min=torch.finfo(d.dtype).tiny), torch.inf)  # (F,)
+            J = cost.topk(removing, largest=False).indices  # (b,)
+            solve = torch.linalg.solve(h_inv[J][:, J], h_inv[J])  # (b, F) = ([H^-1]_JJ)^-1 [H^-1]_J.
+            w.addmm_(w[:, J], solve, alpha=-1.0)
+            h_inv.addmm_(h_inv[:, J], solve, alpha=-1.0)
+            alive[J] = False
+    return alive.nonzero().squeeze(1)
+
+
 def compensated_down(gram: torch.Tensor, down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """W' = W_down G[:, S] (G[S, S] + lambda I)^{-1}: the least-squares down projection from the kept neurons.  (d_out, k)"""
     g_ss = gram[kept][:, kept].clone()
@@ -38,10 +65,20 @@ def compensated_down(gram: torch.Tensor, down: torch.Tensor, kept: torch.Tensor)
         return torch.linalg.solve(g_ss, rhs).T.to(down.dtype)
 
 
+#: --ffn-selection: how the kept neurons are chosen
+SELECTIONS = {"obs": neurons_to_keep_obs, "energy": neurons_to_keep}
+DEFAULT_SELECTION = "obs"
+
+
+def check_selection(selection: str) -> None:
+    if selection not in SELECTIONS:
+        raise SliceGPTError(f"unknown --ffn-selection {selection!r} (choose from {', '.join(SELECTIONS)})")
+
+
 @torch.no_grad()
-def prune_mlp(mlp: MLP, gram: torch.Tensor, keep: int) -> None:
+def prune_mlp(mlp: MLP, gram: torch.Tensor, keep: int, *, selection: str = DEFAULT_SELECTION) -> None:
     """Keep `keep` neurons of `mlp` in place, rows of gate/up and columns of down, down refitted by least squares."""
-    kept = neurons_to_keep(gram, mlp.down_proj.weight, keep)
+    kept = SELECTIONS[selection](gram, mlp.down_proj.weight, keep)
     new_down = compensated_down(gram, mlp.down_proj.weight, kept)
     for lin in (mlp.gate_proj, mlp.up_proj):
         if lin is not None:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from slicegpt_export.checkpoint import LayerWidths
-from slicegpt_export.converter.ffn import prune_mlp
+from slicegpt_export.converter.ffn import DEFAULT_SELECTION, prune_mlp
 from slicegpt_export.converter.pca import ONE_PROCESS, Reduction, exact_gram_sum, masked_rows, principal_components
 from slicegpt_export.modeling import MLP, AttentionContext, DecoderLayer, ResidualStage, SlicedModel, rms_norm
 
@@ -310,14 +310,15 @@ def rotate_and_slice(
     device: torch.device,
     rotation: str = "stage",
     intermediates: list[int] | None = None,
+    ffn_selection: str = DEFAULT_SELECTION,
     on_layer: Callable[[int], None] | None = None,
     feed: LayerFeed | None = None,
     reduce: Reduction = ONE_PROCESS,
 ) -> SlicingResult:
     """Rotate and slice a fused model in place; `widths` has one width per signal of :func:`signal_names`.
 
-    `intermediates` (one per block) prunes each MLP to that many neurons (converter/ffn.py) on
-    the inputs the sliced model gives it.  Weights move to `device` one layer at a time; the
+    `intermediates` (one per block) prunes each MLP to that many neurons, chosen as `ffn_selection` says
+    (converter/ffn.py), on the inputs the sliced model gives it.  Weights move to `device` one layer at a time; the
     calibration activations stay there.  Blocks come from `feed` (default: the model's own) and
     go back to it once sliced; with block rotation the next block is taken early (its attention
     previews the mid-block signal).  `reduce` sums every covariance and Gram matrix over the
@@ -373,7 +374,7 @@ def rotate_and_slice(
             rotate_inputs(stage.input_linears(), basis)
             mlp = stage.branches["mlp"] if "mlp" in stage.branches else None
             if mlp is not None and intermediates is not None and intermediates[i] < mlp.up_proj.out_features:
-                prune_mlp(mlp, mlp_gram(stage, mlp, xs, batches, reduce), intermediates[i])
+                prune_mlp(mlp, mlp_gram(stage, mlp, xs, batches, reduce), intermediates[i], selection=ffn_selection)
             if (i, j) in rotated:
                 stage.shortcut = basis.T.to(dtype)  # (d_in, D): back to the original basis
                 ys = [stage(x, b.ctx) for x, b in zip(xs, batches)]  # (B, T, D)

@@ -385,7 +385,7 @@ def export_gguf(
     residual_qtype = residual_path_type(shortcut_type, qtype)
     padded: Mapping[str, torch.Tensor] = tensors
     shape_of = tensors.shape
-    chosen = file_basis(qtype, residual_qtype, basis, rotated=cfg.slicing.get("rotation") != "none")
+    chosen = file_basis(qtype, residual_qtype, basis, rotated=cfg.rotated)
     delta = stores_shortcut_delta(chosen)
     if qtype in BLOCK_TYPES or chosen != "pca":  # widths padded to the quantization block (other files: unpadded)
         multiple = gguf.GGML_QUANT_SIZES[qtype][0] if qtype in BLOCK_TYPES else 1
