@@ -252,7 +252,7 @@ def test_least_squares_down_projection_beats_plain_dropping(selection):
 
 def test_elimination_keeps_what_the_others_cannot_rebuild():
     """Two copies of a loud neuron and a quiet one, keep two: ranking by energy keeps both copies and loses the quiet
-    neuron's output; elimination with refitting drops one copy (the other takes its weight) and is exact."""
+    neuron's output; elimination with refitting drops one copy (the other takes its weight) and is exact up to the damping."""
     from slicegpt_export.converter.ffn import neurons_to_keep, neurons_to_keep_obs
 
     gen = torch.Generator().manual_seed(2)
