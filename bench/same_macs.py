@@ -7,8 +7,10 @@ with MACs alone.  A stock `llama` q8_0 file with the same MACs shows what llama.
 dense SmolLM2 file (requantized by llama.cpp) with every MLP cut to its first n_ff neurons, n_ff chosen so that its
 MACs match the sliced file's (its outputs are meaningless; only its speed is read).  The difference between the
 two is what the sliced architecture costs beyond its MACs: the shortcut matrix of every block and the tied model's
-two projections, each a matrix product of its own.  Each round is one `llama-bench` invocation (tg128, 2 threads)
-over the three files, in alternating orders; each ratio is against the dense file of its round.
+two projections, each a matrix product of its own.  A checkpoint that kept every width and one MLP width (rotation
+none) is also written in llama.cpp's own `llama` architecture (`--gguf-arch stock`, the default for it) and measured
+beside them.  Each round is one `llama-bench` invocation (tg128, 2 threads) over the files, in alternating orders;
+each ratio is against the dense file of its round.
 Writes same_macs.json and same_macs.md into --out.
 """
 
@@ -84,6 +86,18 @@ def cut_neurons(dense: Path, out: Path, n_ff: int) -> Path:
     return out
 
 
+def stock_export(checkpoint: Path) -> Path | None:
+    """The checkpoint's q8_0 file in llama.cpp's own architecture (cached), None when that cannot hold it."""
+    from slicegpt_export.exporters.gguf_stock import export_stock_gguf, fits_stock_architecture
+
+    if not fits_stock_architecture(checkpoint):
+        return None
+    path = WORK / f"{checkpoint.name}-stock-q8_0" / "model-q8_0.gguf"
+    if not path.is_file():
+        export_stock_gguf(checkpoint=checkpoint, out=path.parent, gguf_type="q8_0", overwrite=True)
+    return path
+
+
 def rounds_of(files: dict[str, Path], rounds: int) -> dict[str, list[float]]:
     """tg128 tokens/s of every file per round: one llama-bench invocation each, in alternating orders."""
     measured: dict[str, list[float]] = {name: [] for name in files}
@@ -105,11 +119,11 @@ def markdown(result: dict) -> str:
         s = r["speedup"]
         lines.append(f"| {name} | {r['macs'] / 1e6:.1f}M | {r['bound']:.2f}x | {statistics.median(r['tok_s']):.1f} | "
                      f"{s['median']:.2f}x; {s['min']:.2f}-{s['max']:.2f}x | {s['median'] / r['bound']:.0%} |")  # fmt: skip
-    a = result["sliced_vs_stock"]
+    against = "; ".join(f"{name}: {a['median']:.2f}x (median; {a['min']:.2f}-{a['max']:.2f}x)" for name, a in result["vs_stock"].items())
     note = (f"{result['rounds']} rounds of `llama-bench` (tg128, 2 threads), in alternating orders; each speed-up against the "
             "dense file of its round.  The stock file is the dense one with every MLP cut to its first "
-            f"{result['n_ff']} neurons, the same MACs as the sliced file: llama.cpp's own speed at that size.  The sliced "
-            f"file against it, round by round: {a['median']:.2f}x (median; {a['min']:.2f}-{a['max']:.2f}x).")  # fmt: skip
+            f"{result['n_ff']} neurons, the same MACs as the sliced file: llama.cpp's own speed at that size.  Each sliced "
+            f"file against it, round by round: {against}.")  # fmt: skip
     lines += ["", note]
     return "\n".join(lines) + "\n"
 
@@ -120,16 +134,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
-    dense, sliced = stock_dense_q8_0(), exports(checkpoint_for(args.row))[1]
+    checkpoint = checkpoint_for(args.row)
+    dense, sliced, sliced_stock = stock_dense_q8_0(), exports(checkpoint)[1], stock_export(checkpoint)
     macs = {dense: file_macs(dense), sliced: file_macs(sliced)}
     n_ff = neurons_for_macs(dense, macs[dense] - macs[sliced])
     stock = cut_neurons(dense, WORK / f"llama-cpp-stock-ffn{n_ff}" / "model-q8_0.gguf", n_ff)
     macs[stock] = file_macs(stock)
     dense_name, stock_name, sliced_name = "dense (stock `llama`)", f"stock `llama`, MLPs cut to {n_ff} neurons", f"{args.row} (sliced, default q8_0)"
     files = {dense_name: dense, stock_name: stock, sliced_name: sliced}
+    if sliced_stock is not None:
+        files[f"{args.row} (sliced, `--gguf-arch stock` q8_0)"] = sliced_stock
+        macs[sliced_stock] = file_macs(sliced_stock)
     tok_s = rounds_of(files, args.rounds)
     result = {"row": args.row, "rounds": args.rounds, "n_ff": n_ff, "files": {},
-              "sliced_vs_stock": spread([v / s for v, s in zip(tok_s[sliced_name], tok_s[stock_name])])}  # fmt: skip
+              "vs_stock": {name: spread([v / s for v, s in zip(tok_s[name], tok_s[stock_name])]) for name in list(files)[2:]}}  # fmt: skip
     for name, path in files.items():
         result["files"][name] = {"macs": macs[path], "bound": macs[dense] / macs[path], "tok_s": tok_s[name],
                                  "speedup": spread([v / d for v, d in zip(tok_s[name], tok_s[dense_name])])}  # fmt: skip

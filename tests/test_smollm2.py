@@ -109,3 +109,19 @@ def test_budget_meets_its_size_on_the_protocol(budget):
     assert cfg.size["parameters"] <= 0.75 * cfg.size["dense_parameters"]
     assert cfg.slicing["rotation"] == "none" and cfg.slicing["ffn_selection"] == "obs" and {w.intermediate for w in cfg.layers} == {864}
     assert ppl == pytest.approx(BUDGET_75_PPL, abs=SLICED_TOLERANCE)
+
+
+def test_budget_runs_in_llama_cpps_own_architecture(llama_cpp, budget, test_windows, tmp_path):
+    # --gguf-arch stock: llama.cpp's `llama`, every matrix q8_0; measured 41.602 against the reference's 41.587 (+0.04%)
+    import gguf
+
+    from slicegpt_export.exporters.gguf_stock import export_stock_gguf
+    from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
+
+    checkpoint, reference = budget
+    path = export_stock_gguf(checkpoint=checkpoint, out=tmp_path / "stock", gguf_type="q8_0")
+    reader = gguf.GGUFReader(path)
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert {t.tensor_type for t in reader.tensors if len(t.shape) == 2} == {gguf.GGMLQuantizationType.Q8_0}
+    ppl = perplexity(LlamaCppModel(path, n_ctx=512).logits, test_windows, batch_size=1)
+    assert abs(ppl / reference - 1) <= 0.005, (ppl, reference)

@@ -143,6 +143,9 @@ def relaunch_with_torchrun(nproc: int) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+GGUF_ARCH_HELP = ("GGUF architecture: stock (the family's own, for any llama.cpp: Llama-family checkpoints that kept every width and one MLP "
+                  "width, as --target-params makes them by default), slicegpt (any slicing; llama.cpp built by scripts/build_llama_cpp.sh), "
+                  "or auto: stock where it holds the checkpoint.")
 MODEL_HELP = "HF folder, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)."
 CALIB_HELP = "Calibration text: a .txt/.jsonl/.parquet file or folder, or a HF dataset NAME[:CONFIG] (default: WikiText-2 from the hub, else text sampled from the model)."
 SAMPLES_HELP = "Number of calibration windows (default: 64 on CPU, the paper's 128 on CUDA)."
@@ -183,6 +186,7 @@ def main(
     quantize: Annotated[str | None, typer.Option(help="ONNX: int8 or int4 weight-only.")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
     gguf_shortcut_type: Annotated[str, typer.Option(help="GGUF residual path (shortcuts, tied projections): auto (q8_0 in q8_0 files, shortcuts stored as corrections in an aligned basis; f16 in q4_0 files) or a type.")] = "auto",
+    gguf_arch: Annotated[str, typer.Option(help=GGUF_ARCH_HELP)] = "auto",
     sweep: Annotated[str | None, typer.Option(help=SWEEP_HELP)] = None,
     tasks: Annotated[str | None, typer.Option(help="Zero-shot lm-eval-harness tasks, e.g. piqa,arc_easy (needs lm-eval).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out this tool did not create, and redo every stage.")] = False,
@@ -208,7 +212,8 @@ def main(
         options.update(recover_steps=recover, recover_loss=recover_loss)
     try:
         job = run_job(out=out, formats=format, model=model, sparsity=paper_sparsity(sparsity, target_params), eval_text=eval_text or None, slice_options=options,
-                      precision=precision, quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, sweep=parse_sweep(sweep),
+                      precision=precision, quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type, gguf_arch=gguf_arch,
+                      sweep=parse_sweep(sweep),
                       tasks=tasks.split(",") if tasks else None, overwrite=overwrite)  # fmt: skip
     except KeyboardInterrupt:
         typer.echo("error: interrupted; finished stages are kept, the interrupted one left no output", err=True)
@@ -483,11 +488,12 @@ def validate_command(
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A sliced checkpoint folder.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    format: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime / onnxruntime-genai folder) or gguf (a slicegpt GGUF file for llama.cpp).")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime / onnxruntime-genai folder) or gguf (a GGUF file for llama.cpp, see --gguf-arch).")] = "onnx",
     precision: Annotated[str, typer.Option(help="ONNX: fp32 (CPU) or fp16 (CUDA).")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="ONNX: weight-only int8 or int4 (MatMulNBits).")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF: f32, f16, bf16, q8_0 or q4_0.")] = "f16",
     gguf_shortcut_type: Annotated[str, typer.Option(help="GGUF residual path (shortcuts, tied projections): auto (q8_0 in q8_0 files, shortcuts stored as corrections in an aligned basis; f16 in q4_0 files) or a type.")] = "auto",
+    gguf_arch: Annotated[str, typer.Option(help=GGUF_ARCH_HELP)] = "auto",
     execution_provider: Annotated[str, typer.Option(help="ONNX: the runtime the graph is built for: cpu (ai.onnx ops) or cuda (GroupQueryAttention and fused norms, as onnxruntime-genai's builder emits; also runs on the CPU provider).")] = "cpu",
     validate: Annotated[bool, typer.Option(help="Compare the artifact with the PyTorch reference after export.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
@@ -498,7 +504,8 @@ def export_command(
     try:
         export_validated(
             format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
-            gguf_shortcut_type=gguf_shortcut_type, execution_provider=execution_provider, validate=validate, overwrite=overwrite,
+            gguf_shortcut_type=gguf_shortcut_type, gguf_arch=gguf_arch, execution_provider=execution_provider, validate=validate,
+            overwrite=overwrite,
         )  # fmt: skip
     except KeyboardInterrupt:
         typer.echo(f"error: interrupted while exporting {checkpoint}: nothing was written to {out}", err=True)

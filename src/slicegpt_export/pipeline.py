@@ -92,13 +92,15 @@ def run_stage(
 
 def export_validated(
     *, format: str, checkpoint: Path, out: Path, precision: str = "fp32", quantize: str | None = None,
-    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", execution_provider: str = "cpu", validate: bool = True, overwrite: bool = False,
+    gguf_type: str = "f16", gguf_shortcut_type: str = "auto", gguf_arch: str = "auto", execution_provider: str = "cpu", validate: bool = True,
+    overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Export `checkpoint` as `format` into `out`, then (by default) compare it with the PyTorch reference."""
     from slicegpt_export.exporters import export_artifact
 
     path = export_artifact(format=format, checkpoint=checkpoint, out=out, precision=precision, quantize=quantize, gguf_type=gguf_type,
-                           gguf_shortcut_type=gguf_shortcut_type, execution_provider=execution_provider, overwrite=overwrite)  # fmt: skip
+                           gguf_shortcut_type=gguf_shortcut_type, gguf_arch=gguf_arch, execution_provider=execution_provider,
+                           overwrite=overwrite)  # fmt: skip
     if validate and format == "onnx":
         from slicegpt_export.validation.onnx_runner import validate_onnx
 
@@ -156,6 +158,7 @@ def run_job(
     quantize: str | None = None,
     gguf_type: str = "f16",
     gguf_shortcut_type: str = "auto",
+    gguf_arch: str = "auto",
     sweep: list[float] | None = None,
     tasks: list[str] | None = None,
     overwrite: bool = False,
@@ -197,10 +200,11 @@ def run_job(
     for fmt in FORMATS[formats]:
         target = out / fmt
         inputs = {"checkpoint": slice_inputs, "precision": precision, "quantize": quantize, "gguf_type": gguf_type,
-                  "gguf_shortcut_type": gguf_shortcut_type, "format": fmt}
+                  "gguf_shortcut_type": gguf_shortcut_type, "gguf_arch": gguf_arch, "format": fmt}
         run_stage(f"export {fmt}", out / f"{fmt}{MARKER}", inputs,
                   lambda fmt=fmt, target=target: export_validated(format=fmt, checkpoint=checkpoint, out=target, precision=precision,
                                                                  quantize=quantize, gguf_type=gguf_type, gguf_shortcut_type=gguf_shortcut_type,
+                                                                 gguf_arch=gguf_arch,
                                                                  overwrite=True), records, output=target, redo=redo)  # fmt: skip
     sweep_rows: list[dict] | None = None
     logger.info("stage validate ...")

@@ -48,8 +48,9 @@ def gguf_field_value(field: Any) -> dict[str, Any]:
 
     kinds = {gguf.GGUFValueType.STRING: "string", gguf.GGUFValueType.BOOL: "bool", gguf.GGUFValueType.UINT32: "uint32",
              gguf.GGUFValueType.INT32: "int32", gguf.GGUFValueType.FLOAT32: "float32"}  # fmt: skip
-    if field.types[0] == gguf.GGUFValueType.ARRAY:
-        return {"type": f"array[{kinds[field.types[1]]}]", "value": list(field.contents())}
+    if field.types[0] == gguf.GGUFValueType.ARRAY:  # gguf-py lists no element type for an empty array: its raw part has it
+        element = field.types[1] if len(field.types) > 1 else gguf.GGUFValueType(int(field.parts[3][0]))
+        return {"type": f"array[{kinds[element]}]", "value": list(field.contents())}
     value = field.contents()
     return {"type": kinds[field.types[0]], "value": value.item() if hasattr(value, "item") else value}
 

@@ -2,11 +2,13 @@
 
 Nothing from the sliced checkpoint is consulted.  The file is memory-mapped with gguf-py's
 GGUFReader after a bounds check of its header, every key and tensor is checked against the
-spec, and any malformed, truncated or inconsistent file is refused with a SliceGPTError.
+spec, and any malformed, truncated or inconsistent file is refused with a SliceGPTError.  A file of a family's own llama.cpp
+architecture (exporters/gguf_stock.py) is run by transformers' GGUF reader instead (StockGGUFModel, open_gguf_model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 from pathlib import Path
@@ -288,6 +290,43 @@ class GGUFModel:
         return tokenizer_from_metadata(self.meta)
 
 
+@dataclasses.dataclass(frozen=True)
+class StockConfig:
+    """What validation reads of a stock file's configuration (a SlicedConfig's fields of the same names)."""
+
+    vocab_size: int
+    max_position_embeddings: int
+    bos_windows: bool = False
+
+
+class StockGGUFModel:
+    """A GGUF file of a family's own llama.cpp architecture (exporters/gguf_stock.py), run by transformers from the file
+    alone, as a GGUF source model is read (sources.models.load_source), plus the file's own tokenizer."""
+
+    def __init__(self, path: str | Path) -> None:
+        from slicegpt_export.sources.models import dense_model, load_source
+
+        self.path = Path(path)
+        self.meta = Metadata(open_reader(self.path), self.path)
+        source = load_source(self.path)
+        self.config = StockConfig(int(source.hf_config["vocab_size"]), int(source.hf_config["max_position_embeddings"]))
+        self.model = dense_model(source)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask).logits
+
+    def tokenizer(self) -> Any:
+        return tokenizer_from_metadata(self.meta)
+
+
+def open_gguf_model(path: str | Path) -> GGUFModel | StockGGUFModel:
+    """A GGUF file as a runnable model: the `slicegpt` architecture by this module's reader, a stock one by transformers."""
+    path = Path(path)
+    if Metadata(open_reader(path), path).get("general.architecture", str, None) == spec.ARCH:
+        return GGUFModel(path)
+    return StockGGUFModel(path)
+
+
 #: llama.cpp pre-tokenizer name -> the equivalent Hugging Face pre-tokenizer
 def _pre_tokenizer(name: str) -> Any:
     from tokenizers import pre_tokenizers
@@ -334,7 +373,7 @@ def validate_gguf(path: Path, checkpoint: Path, *, prompts: int = 8, length: int
     """Compare the file's logits with the reference on random prompts; an f32 file beyond its bound is an error."""
     from slicegpt_export.checkpoint import load_sliced
 
-    model = GGUFModel(path)
+    model = open_gguf_model(path)
     reference = load_sliced(checkpoint)
     ids = torch.randint(0, model.config.vocab_size, (prompts, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

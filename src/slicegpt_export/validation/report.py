@@ -85,7 +85,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
 
 def artifact_runners(artifacts: Artifacts, *, n_ctx: int) -> list[tuple[str, Path, Callable[[], LogitsFn]]]:
     """(name, path, factory of a logits function) for every exported artifact; GGUF files also in llama.cpp when built."""
-    from slicegpt_export.validation.gguf_runner import GGUFModel
+    from slicegpt_export.validation.gguf_runner import open_gguf_model
     from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel, llama_cpp_available
     from slicegpt_export.validation.onnx_runner import OnnxDecoder
 
@@ -93,7 +93,7 @@ def artifact_runners(artifacts: Artifacts, *, n_ctx: int) -> list[tuple[str, Pat
     for p in artifacts.onnx:
         runners.append(("onnx" if p.name == "onnx" else f"onnx ({p.name})", p, lambda p=p: OnnxDecoder(p).logits))
     for f in artifacts.gguf:
-        runners.append((f"gguf {f.stem.removeprefix('model-')}", f, lambda f=f: GGUFModel(f).logits))
+        runners.append((f"gguf {f.stem.removeprefix('model-')}", f, lambda f=f: open_gguf_model(f).logits))
     if artifacts.gguf and llama_cpp_available():
         for f in artifacts.gguf:
             runners.append((f"llama.cpp {f.stem.removeprefix('model-')}", f, lambda f=f: LlamaCppModel(f, n_ctx=n_ctx).logits))

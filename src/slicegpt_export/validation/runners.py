@@ -76,11 +76,11 @@ def gguf_perplexities(
 
     The text is tokenized once by the file's own vocabulary; both runners read the same windows.
     """
-    from slicegpt_export.validation.gguf_runner import GGUFModel
+    from slicegpt_export.validation.gguf_runner import open_gguf_model
     from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel, llama_cpp_available
 
     path, dev = Path(path), resolve_device(device)
-    model = GGUFModel(path)
+    model = open_gguf_model(path)
     tokens = model.tokenizer().encode(read_local_text(Path(text)), add_special_tokens=False).ids
     bos = model.meta.get("tokenizer.ggml.bos_token_id", int) if model.config.bos_windows else None  # Gemma: BOS starts every window
     ids = evaluation_windows(torch.tensor(tokens, dtype=torch.long), seqlen=min(seqlen, model.config.max_position_embeddings),
