@@ -33,17 +33,18 @@ def tensor_types(path) -> dict[str, gguf.GGMLQuantizationType]:
     return {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("family", ["llama-tied", "llama"])
-def test_stock_file_is_the_reference_in_llama_cpp(llama_cpp, family, tmp_path):
+@pytest.mark.parametrize(("family", "arch"), [("llama-tied", "llama"), ("llama", "llama"), ("qwen2", "qwen2")])
+def test_stock_file_is_the_reference_in_llama_cpp(llama_cpp, family, arch, tmp_path):
     from slicegpt_export.validation.llama_cpp_runner import LlamaCppModel
 
     checkpoint = write_sliced_checkpoint(family, "budget-none", tmp_path / "checkpoint")
     path = export_validated(format="gguf", checkpoint=checkpoint, out=tmp_path / "f32", gguf_type="f32", gguf_arch="stock")
     reader = gguf.GGUFReader(path)
-    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch
     names = set(tensor_types(path))
     assert not any("proj" in n for n in names)  # no shortcut and no projection: llama.cpp's own graph
     assert ("output.weight" in names) == (family == "llama")  # a tied head reuses token_embd, stored once
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")  # Qwen2's q/k/v biases
     want = load_sliced(checkpoint)(ids()).logits
     assert (LlamaCppModel(path, n_ctx=64).logits(ids()) - want).abs().max().item() <= LOGIT_BOUND
     assert (StockGGUFModel(path).logits(ids()) - want).abs().max().item() <= LOGIT_BOUND  # transformers reads it back too
@@ -82,7 +83,7 @@ def test_stock_q8_0_pads_the_mlp_with_zero_neurons(llama_cpp, tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "slicing", "reason"),
-    [("llama", 0.25, "the weights are rotated"), ("mistral", "budget-none", "sliding window"), ("qwen2", "budget-none", "this is qwen2"),
+    [("llama", 0.25, "the weights are rotated"), ("mistral", "budget-none", "sliding window"), ("opt", 0.25, "this is opt"),
      ("llama-rope-llama3", "budget-none", "scaling llama3")],
 )  # fmt: skip
 def test_stock_refuses_what_its_architecture_cannot_hold(family, slicing, reason, tmp_path):

@@ -143,7 +143,7 @@ def relaunch_with_torchrun(nproc: int) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
-GGUF_ARCH_HELP = ("GGUF architecture: stock (the family's own, for any llama.cpp: Llama-family checkpoints that kept every width and one MLP "
+GGUF_ARCH_HELP = ("GGUF architecture: stock (the family's own, for any llama.cpp: Llama, Mistral and Qwen2 checkpoints that kept every width and one MLP "
                   "width, as --target-params makes them by default), slicegpt (any slicing; llama.cpp built by scripts/build_llama_cpp.sh), "
                   "or auto: stock where it holds the checkpoint.")
 MODEL_HELP = "HF folder, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)."

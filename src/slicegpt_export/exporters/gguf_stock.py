@@ -7,8 +7,8 @@ architecture with narrower MLPs: written as such (`--gguf-arch stock`), the file
 and in the programs built on it, and its graph is llama.cpp's own (no projection products around the stack).
 
 The norms' scales stay folded into the linears, so every stored norm weight is ones except the final norm's, which
-is the tied head's diagonal projection.  q and k rows are interleaved as llama.cpp's convert_hf_to_gguf.py does for
-the `llama` architecture, whose rotary pairs adjacent channels.
+is the tied head's diagonal projection.  In a `llama` file q and k rows are interleaved as llama.cpp's
+convert_hf_to_gguf.py does for that architecture, whose rotary pairs adjacent channels (`qwen2` pairs the halves).
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class StockArchitecture:
-    """A family's llama.cpp architecture: its name, and whether its rotary pairs adjacent channels (q and k interleaved)."""
+    """A family's llama.cpp architecture: its name, whether its rotary pairs adjacent channels (q and k rows then
+    interleaved), and the checkpoint's bias flags it holds (`cfg.bias` keys)."""
 
     arch: str
     interleave_qk: bool
+    biases: tuple[str, ...] = ()
 
 
 #: per-family hook: the llama.cpp architecture an unrotated checkpoint of that family is written in (convert_hf_to_gguf.py
@@ -57,7 +59,10 @@ class StockArchitecture:
 STOCK_ARCHITECTURES = {
     "llama": StockArchitecture("llama", interleave_qk=True),
     "mistral": StockArchitecture("llama", interleave_qk=True),
+    "qwen2": StockArchitecture("qwen2", interleave_qk=False, biases=("qkv",)),  # rotary on half-split channels (NEOX)
 }
+#: the bias tensors a `qkv` bias flag stands for, per block
+QKV_BIASES = ("q_proj", "k_proj", "v_proj")
 #: the checkpoint's linears of a block, each written under llama.cpp's own name (gguf_spec.gguf_name)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: rope scalings written: unscaled only (llama.cpp reads Llama 3's as a rope_freqs tensor, exactly, but transformers' GGUF
@@ -80,7 +85,10 @@ def stock_blockers(cfg: SlicedConfig, names: list[str], tensor: Callable[[str], 
         reasons.append("the MLP width differs from block to block (llama.cpp's llama reads one)")
     if any(is_shortcut(n) for n in names):
         reasons.append("the residual path stores shortcut matrices")
+    stock = STOCK_ARCHITECTURES[cfg.model_type]
     layer_linears = {f"layers.{i}.{proj}.weight" for i in range(cfg.num_layers) for proj in LINEARS}
+    if cfg.bias["qkv"] and "qkv" in stock.biases:
+        layer_linears |= {f"layers.{i}.{proj}.bias" for i in range(cfg.num_layers) for proj in QKV_BIASES}
     unplaced = sorted(set(names) - layer_linears - {"embed_tokens.weight", "embed_proj", "lm_head.proj", "lm_head.weight"})
     if unplaced and not any(is_shortcut(n) for n in unplaced):
         reasons.append(f"it stores tensors the stock architecture has no place for ({', '.join(unplaced[:3])})")
@@ -93,7 +101,7 @@ def stock_blockers(cfg: SlicedConfig, names: list[str], tensor: Callable[[str], 
     traits = {"a sliding window": cfg.sliding_window is not None, "q/k norms": cfg.qk_norm, "post-norms": cfg.post_norms,
               "soft-capping": cfg.attn_logit_softcap is not None or cfg.final_logit_softcap is not None,
               "a custom attention scale": cfg.attention_scale is not None, "blocks without rope": cfg.rope_layers is not None,
-              "biases": any(cfg.bias.values()), "parallel blocks": cfg.block_kind != "sequential",
+              "biases the architecture lacks": any(on and flag not in stock.biases for flag, on in cfg.bias.items()), "parallel blocks": cfg.block_kind != "sequential",
               "an MLP other than SiLU-gated": not cfg.gated_mlp or cfg.activation != "silu"}  # fmt: skip
     reasons += [f"the model has {trait}" for trait, present in traits.items() if present]
     if cfg.rope is None:
@@ -133,8 +141,10 @@ def stock_tensor_sources(cfg: SlicedConfig, names: list[str], tensor: Callable[[
         sources[f"blk.{i}.attn_norm.weight"] = sources[f"blk.{i}.ffn_norm.weight"] = ones
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             heads = rows.get(proj) if stock.interleave_qk else None
-            sources[spec.gguf_name(p + proj + ".weight")] = (
-                lambda name=p + proj + ".weight", heads=heads: interleave_rotary_rows(tensor(name), heads) if heads else tensor(name))
+            kinds = ("weight", "bias") if proj in QKV_BIASES and cfg.bias["qkv"] else ("weight",)
+            for name in (f"{p}{proj}.{kind}" for kind in kinds):  # a bias's rows move with its weight's
+                sources[spec.gguf_name(name)] = (
+                    lambda name=name, heads=heads: interleave_rotary_rows(tensor(name), heads) if heads else tensor(name))
         for proj in ("gate_proj", "up_proj"):  # (F, D) -> (n_ff, D)
             sources[spec.gguf_name(p + proj + ".weight")] = lambda name=p + proj + ".weight": pad_dims(tensor(name), rows=n_ff)
         sources[spec.gguf_name(p + "down_proj.weight")] = lambda name=p + "down_proj.weight": pad_dims(tensor(name), cols=n_ff)  # (D, n_ff)
@@ -211,5 +221,6 @@ def stock_shapes(cfg: SlicedConfig, n_ff: int, names: list[str]) -> Mapping[str,
                  "attn_k.weight": (cfg.num_kv_heads * hd, D), "attn_v.weight": (cfg.num_kv_heads * hd, D),
                  "attn_output.weight": (D, cfg.num_heads * hd), "ffn_gate.weight": (n_ff, D), "ffn_up.weight": (n_ff, D),
                  "ffn_down.weight": (D, n_ff)}  # fmt: skip
+    per_layer.update({"attn_q.bias": (cfg.num_heads * hd,), "attn_k.bias": (cfg.num_kv_heads * hd,), "attn_v.bias": (cfg.num_kv_heads * hd,)})
     fixed = {"token_embd.weight": (cfg.vocab_size, D), "output.weight": (cfg.vocab_size, D), "output_norm.weight": (D,)}
     return {n: fixed[n] if n in fixed else per_layer[n.split(".", 2)[2]] for n in names}
