@@ -1,4 +1,4 @@
-"""`--gguf-arch stock`: an unrotated checkpoint of uniform MLP width written in llama.cpp's own `llama` architecture.
+"""`--gguf-arch stock`: an unrotated checkpoint of uniform MLP width written in its family's own llama.cpp architecture (`llama`, `qwen2`).
 
 llama.cpp runs these files unpatched; the tests that run them need the build (see test_llama_cpp.py).
 """
