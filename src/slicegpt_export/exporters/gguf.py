@@ -393,28 +393,42 @@ def export_gguf(
         shape_of = padded.shape
     extra = rope_tensors(cfg)
     planned = plan_tensors(padded, shape_of, extra, qtype, residual_qtype)
+
+    def tensor_of(p: PlannedTensor) -> torch.Tensor:
+        if delta and p.source is not None and is_shortcut(p.source):
+            assert isinstance(padded, ResidualTensors)
+            t = padded.shortcut_delta(p.source)  # (d_in', d_out'): S' - P_in J
+        else:
+            t = extra[p.name] if p.source is None else padded[p.source]
+        return t.T if p.source is not None and spec.is_right_multiplied(p.source) else t
+
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        path = tmp / gguf_file_name(gguf_type)
-        w = SliceGPTWriter(str(path), spec.ARCH)
-        add_general(w, checkpoint, cfg, file_type, n_params)
-        add_hyperparameters(w, cfg, shortcut_delta=delta)
-        add_tokenizer(w, checkpoint, cfg)
-        for p in planned:  # tensor infos first, from shapes: the data follows one tensor at a time, no temporary copy
-            shape, dtype, nbytes = p.info()
-            w.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=p.qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for p in tqdm(planned, desc="writing tensors", unit="tensor", leave=False):
-            if delta and p.source is not None and is_shortcut(p.source):
-                assert isinstance(padded, ResidualTensors)
-                t = padded.shortcut_delta(p.source)  # (d_in', d_out'): S' - P_in J
-            else:
-                t = extra[p.name] if p.source is None else padded[p.source]
-            t = t.T if p.source is not None and spec.is_right_multiplied(p.source) else t
-            data, stored = tensor_data(p.name, t, qtype, residual_qtype, rounding)
-            if stored != p.qtype or data.nbytes != p.info()[2]:
-                raise SliceGPTError(f"{p.name}: planned as {p.qtype.name}, made as {stored.name} ({data.nbytes} bytes)")
-            w.write_tensor_data(data)
-        w.close()
+        write_gguf_file(tmp / gguf_file_name(gguf_type), arch=spec.ARCH, checkpoint=checkpoint, cfg=cfg, file_type=file_type,
+                        n_params=n_params, add_keys=lambda w: add_hyperparameters(w, cfg, shortcut_delta=delta), planned=planned,
+                        tensor_of=tensor_of, qtype=qtype, residual_qtype=residual_qtype, rounding=rounding)  # fmt: skip
     return Path(out) / gguf_file_name(gguf_type)
+
+
+def write_gguf_file(
+    path: Path, *, arch: str, checkpoint: Path, cfg: SlicedConfig, file_type: int, n_params: int,
+    add_keys: Callable[[gguf.GGUFWriter], None], planned: list[PlannedTensor], tensor_of: Callable[[PlannedTensor], torch.Tensor],
+    qtype: Q, residual_qtype: Q | None, rounding: str,
+) -> None:  # fmt: skip
+    """One GGUF file of `arch`: general keys, the architecture's keys (`add_keys`), the tokenizer, then every planned
+    tensor; tensor infos first, from shapes, and the data one tensor at a time (`tensor_of`), no temporary copy."""
+    w = SliceGPTWriter(str(path), arch)
+    add_general(w, checkpoint, cfg, file_type, n_params)
+    add_keys(w)
+    add_tokenizer(w, checkpoint, cfg)
+    for p in planned:
+        shape, dtype, nbytes = p.info()
+        w.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=p.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for p in tqdm(planned, desc="writing tensors", unit="tensor", leave=False):
+        data, stored = tensor_data(p.name, tensor_of(p), qtype, residual_qtype, rounding)
+        if stored != p.qtype or data.nbytes != p.info()[2]:
+            raise SliceGPTError(f"{p.name}: planned as {p.qtype.name}, made as {stored.name} ({data.nbytes} bytes)")
+        w.write_tensor_data(data)
+    w.close()

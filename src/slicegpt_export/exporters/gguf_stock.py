@@ -21,23 +21,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from slicegpt_export import gguf_spec as spec
 from slicegpt_export.atomic import atomic_directory
 from slicegpt_export.checkpoint import SlicedConfig, is_shortcut, lazy_tensors, read_config
 from slicegpt_export.errors import SliceGPTError
-from slicegpt_export.exporters.gguf import (
-    BLOCK_TYPES,
-    GGUF_TYPES,
-    PlannedTensor,
-    SliceGPTWriter,
-    add_general,
-    add_tokenizer,
-    gguf_file_name,
-    planned_type,
-    tensor_data,
-)
+from slicegpt_export.exporters.gguf import BLOCK_TYPES, GGUF_TYPES, PlannedTensor, gguf_file_name, planned_type, write_gguf_file
 from slicegpt_export.exporters.padding import pad_dims, padded
 from slicegpt_export.modeling import rope_scaling_kind
 
@@ -192,23 +181,9 @@ def export_stock_gguf(*, checkpoint: Path, out: Path, gguf_type: str = "f16", ro
     planned = [PlannedTensor(name, name, shapes[name], planned_type(name, shapes[name], qtype)) for name in sources]
     n_params = sum(int(np.prod(p.shape)) for p in planned) - cfg.num_layers * (n_ff - width) * 3 * cfg.hidden_size
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        path = tmp / gguf_file_name(gguf_type)
-        w = SliceGPTWriter(str(path), stock.arch)
-        add_general(w, checkpoint, cfg, file_type, n_params)
-        add_stock_hyperparameters(w, cfg, n_ff)
-        add_tokenizer(w, checkpoint, cfg)
-        for p in planned:
-            shape, dtype, nbytes = p.info()
-            w.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=p.qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for p in tqdm(planned, desc="writing tensors", unit="tensor", leave=False):
-            data, stored = tensor_data(p.name, sources[p.name](), qtype, None, rounding)
-            if stored != p.qtype or data.nbytes != p.info()[2]:
-                raise SliceGPTError(f"{p.name}: planned as {p.qtype.name}, made as {stored.name} ({data.nbytes} bytes)")
-            w.write_tensor_data(data)
-        w.close()
+        write_gguf_file(tmp / gguf_file_name(gguf_type), arch=stock.arch, checkpoint=checkpoint, cfg=cfg, file_type=file_type,
+                        n_params=n_params, add_keys=lambda w: add_stock_hyperparameters(w, cfg, n_ff), planned=planned,
+                        tensor_of=lambda p: sources[p.name](), qtype=qtype, residual_qtype=None, rounding=rounding)  # fmt: skip
     logger.info("wrote %s in llama.cpp's %s architecture (MLP width %d%s)", out, stock.arch, n_ff,
                 f", {width} padded with zero neurons" if n_ff != width else "")  # fmt: skip
     return Path(out) / gguf_file_name(gguf_type)

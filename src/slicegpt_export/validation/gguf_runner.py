@@ -319,12 +319,15 @@ class StockGGUFModel:
         return tokenizer_from_metadata(self.meta)
 
 
+def file_architecture(path: Path) -> str | None:
+    """The file's `general.architecture` (None when it names none)."""
+    return Metadata(open_reader(path), path).get("general.architecture", str, None)
+
+
 def open_gguf_model(path: str | Path) -> GGUFModel | StockGGUFModel:
     """A GGUF file as a runnable model: the `slicegpt` architecture by this module's reader, a stock one by transformers."""
     path = Path(path)
-    if Metadata(open_reader(path), path).get("general.architecture", str, None) == spec.ARCH:
-        return GGUFModel(path)
-    return StockGGUFModel(path)
+    return GGUFModel(path) if file_architecture(path) == spec.ARCH else StockGGUFModel(path)
 
 
 #: llama.cpp pre-tokenizer name -> the equivalent Hugging Face pre-tokenizer

@@ -60,12 +60,12 @@ def reference_perplexities(
 def is_slicegpt_gguf(path: str | Path) -> bool:
     """Whether `path` is a GGUF file of this tool's `slicegpt` architecture (a stock one is read as a dense source)."""
     from slicegpt_export.gguf_spec import ARCH
-    from slicegpt_export.validation.gguf_runner import Metadata, open_reader
+    from slicegpt_export.validation.gguf_runner import file_architecture
 
     path = Path(path)
     if path.suffix != ".gguf" or not path.is_file():
         return False
-    return Metadata(open_reader(path), path).get("general.architecture", str, None) == ARCH
+    return file_architecture(path) == ARCH
 
 
 @torch.no_grad()
