@@ -70,12 +70,13 @@ def decode_speed(path: Path, prompt: list[int]) -> float:
     return best
 
 
-def llama_bench(files: dict[str, Path]) -> dict[str, dict]:
-    """llama-bench over every file in one run: tokens/s (mean and standard deviation) of pp128 and tg128."""
+def llama_bench(files: dict[str, Path], *, poll: int = 0) -> dict[str, dict]:
+    """llama-bench over every file in one run: tokens/s (mean and standard deviation) of pp128 and tg128.  `poll`: how
+    long (0-100) worker threads busy-wait for work before they sleep; 0 here by default, llama.cpp's own default is 50."""
     from slicegpt_export.validation.llama_cpp_tools import run_tool
 
     args = ["-o", "json", "-p", str(PROMPT_TOKENS), "-n", str(NEW_TOKENS), "-t", str(THREADS), "-r", str(BENCH_REPETITIONS),
-            "--poll", "0"]  # fmt: skip
+            "--poll", str(poll)]  # fmt: skip
     for path in files.values():
         args += ["-m", str(path)]
     rows = json.loads(run_tool("llama-bench", args, timeout=3600).stdout)

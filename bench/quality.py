@@ -45,6 +45,7 @@ RECIPES: dict[str, str | list[str]] = {
     "wiki": str(DATA / "valid.txt"),
     "self-chat": "self-chat",
     "mixed": [f"{DATA / 'valid.txt'}:0.5", "self-chat:0.5"],
+    "chat-heavy": [f"{DATA / 'valid.txt'}:0.25", "self-chat:0.75"],
 }
 #: slicing settings: name -> slice_checkpoint options (the paper's sparsity; a stored-parameter budget)
 SLICINGS: dict[str, dict[str, Any]] = {
