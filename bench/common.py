@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -56,6 +57,11 @@ def test_windows(tokenizer) -> torch.Tensor:
     from slicegpt_export.sources.text import text_windows
 
     return text_windows(DATA / "test.txt", tokenizer, seqlen=512, windows=64)
+
+
+def spread(ratios: list[float]) -> dict[str, float]:
+    """Median, smallest and largest of per-round speed-ups."""
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def write_results(out: Path, name: str, data: object, table: str) -> None:

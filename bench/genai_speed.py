@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import sliced_checkpoint, write_results
+from common import sliced_checkpoint, spread, write_results
 from onnx_speed import NEW_TOKENS, PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
 from pareto import checkpoint_for, exports
 
@@ -115,7 +115,7 @@ def main() -> None:
               file=sys.stderr, flush=True)  # fmt: skip
     for g in graphs.values():
         ratios = {key: [m[key]["tok_s"] / d[key]["tok_s"] for m, d in zip(g["rounds"], graphs["dense"]["rounds"])] for key in g["rounds"][0]}
-        g["speedup"] = {key: {"median": statistics.median(r), "min": min(r), "max": max(r)} for key, r in ratios.items()}
+        g["speedup"] = {key: spread(r) for key, r in ratios.items()}
         g["onnx"] = str(g["onnx"])
     result = {"rounds": args.rounds, "graphs": graphs}
     write_results(args.out, "genai_speed", result, markdown(result))

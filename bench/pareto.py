@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, logger, protocol_checkpoint, sliced_checkpoint, test_windows, write_results
+from common import WORK, logger, protocol_checkpoint, sliced_checkpoint, spread, test_windows, write_results
 from gguf_in_llama_cpp import NEW_TOKENS, THREADS, decode_speed, llama_bench, stock_dense_q8_0
 from onnx_speed import PROMPT_LEN, Session, decode_tokens_per_second, weight_macs_per_token
 
@@ -188,7 +187,7 @@ def speed_rounds(dense_onnx: Path, prompt: list[int], rows: list[dict], rounds: 
         r["speedup"] = {}
         for key, values in r["speed_rounds"].items():
             ratios = [v / d for v, d in zip(values, per_round["dense"][DENSE_KEY.get(key, key)])]
-            r["speedup"][key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            r["speedup"][key] = spread(ratios)
     return per_round["dense"]
 
 

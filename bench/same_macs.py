@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, write_results
+from common import WORK, spread, write_results
 from gguf_in_llama_cpp import NEW_TOKENS, llama_bench, stock_dense_q8_0
 from pareto import checkpoint_for, exports
 
@@ -115,10 +115,6 @@ def rounds_of(files: dict[str, Path], rounds: int, polls: list[int]) -> dict[int
             print(json.dumps({"round": n + 1, "poll": poll, **{name: round(v[-1], 1) for name, v in measured[poll].items()}}),
                   file=sys.stderr)  # fmt: skip
     return measured
-
-
-def spread(ratios: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def poll_name(poll: int) -> str:
